@@ -1,0 +1,184 @@
+"""The `twinfer` command: generate | chat | random-model | bench."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        # User-caused problems carry their own fix; no traceback for them.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from twinfer.config import EngineConfig
+
+    parser = argparse.ArgumentParser(
+        prog="twinfer", description="LLM inference for MoE models on a GPU plus a big CPU."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="Generate completions for prompts (offline, batched).")
+    gen.add_argument("prompts", nargs="*", help="Prompts (default: read --prompts-file).")
+    gen.add_argument("--prompts-file", type=Path, help="A file with one prompt per line.")
+    gen.add_argument("--chat", action="store_true", help="Wrap each prompt in the chat template.")
+    gen.add_argument("--json", action="store_true", help="Print one JSON object per prompt.")
+    _add_sampling_args(gen)
+    EngineConfig.add_cli_args(gen)
+    gen.add_argument("-v", "--verbose", action="store_true", help="Log engine details.")
+    gen.set_defaults(func=_generate)
+
+    chat = sub.add_parser("chat", help="Chat interactively with a model (streams tokens).")
+    chat.add_argument("--system", help="A system prompt.")
+    _add_sampling_args(chat)
+    EngineConfig.add_cli_args(chat)
+    chat.add_argument("-v", "--verbose", action="store_true", help="Log engine details.")
+    chat.set_defaults(func=_chat)
+
+    from twinfer.bench import random_model
+
+    rnd = sub.add_parser("random-model", help="Write a random-weight HF checkpoint of a shape.")
+    random_model.add_cli_args(rnd)
+    rnd.set_defaults(func=random_model.main)
+
+    bench = sub.add_parser("bench", help="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from twinfer.bench import cpu_decode
+
+    dec = bench_sub.add_parser("decode", help="CPU decode tokens/s vs transformers generate.")
+    cpu_decode.add_cli_args(dec)
+    dec.set_defaults(func=cpu_decode.main)
+    return parser
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=256)
+    group.add_argument("--temperature", type=float, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--min-p", type=float, default=None)
+    group.add_argument("--repetition-penalty", type=float, default=None)
+    group.add_argument("--n", type=int, default=1)
+    group.add_argument("--stop", action="append", default=None, help="Stop string (repeatable).")
+    group.add_argument("--ignore-eos", action="store_true")
+    group.add_argument("--sampling-seed", type=int, default=None, help="Per-request seed.")
+
+
+def _sampling_params(llm: Any, args: argparse.Namespace):
+    from dataclasses import replace
+
+    params = llm.get_default_sampling_params()
+    overrides = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "n": args.n,
+        "stop": args.stop,
+        "ignore_eos": args.ignore_eos or None,
+        "seed": args.sampling_seed,
+    }
+    return replace(params, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _make_llm(args: argparse.Namespace):
+    from twinfer.config import EngineConfig
+    from twinfer.entrypoints.llm import LLM
+
+    config = EngineConfig.from_cli_args(args)
+    return LLM(**dataclasses.asdict(config))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    prompts = list(args.prompts)
+    if args.prompts_file is not None:
+        try:
+            lines = args.prompts_file.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read --prompts-file {args.prompts_file}: {exc}") from exc
+        prompts.extend(line for line in lines if line.strip())
+    if not prompts:
+        raise ValueError("no prompts: pass them as arguments or with --prompts-file FILE.")
+    llm = _make_llm(args)
+    params = _sampling_params(llm, args)
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outputs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        if args.json:
+            print(json.dumps({
+                "prompt": prompt,
+                "outputs": [
+                    {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                    for c in out.outputs
+                ],
+            }, ensure_ascii=False))
+            continue
+        for c in out.outputs:
+            print(c.text if args.chat else prompt + c.text)
+        if len(prompts) > 1:
+            print("-" * 40)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling_params(llm, args)
+    engine = llm.engine
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {engine.model_name}. Empty line or Ctrl-D to quit.")
+    turn = 0
+    while True:
+        try:
+            user = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        history.append({"role": "user", "content": user})
+        rid = f"chat-{turn}"
+        turn += 1
+        engine.add_request(rid, engine.apply_chat_template(history), params)
+        printed = 0
+        text = ""
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    text = out.outputs[0].text
+                    print(text[printed:], end="", flush=True)
+                    printed = len(text)
+        except KeyboardInterrupt:
+            engine.abort_request(rid)
+        print()
+        history.append({"role": "assistant", "content": text})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""EngineCore: the loop body of the engine, schedule -> execute -> update."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twinfer.engine.request import Request, RequestStatus
+from twinfer.engine.scheduler import EngineCoreOutput, Scheduler
+from twinfer.runner.model_runner import ModelRunner
+
+
+class EngineCore:
+    """Owns the scheduler and the model runner; knows nothing of text (the client detokenizes)."""
+
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        runner_output = self.runner.execute_model(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def is_empty(self) -> bool:
+        """The engine-empty invariant: no live request and every KV block free."""
+        kv = self.scheduler.kv_cache
+        return not self.scheduler.requests and kv.num_free_blocks == kv.num_blocks

@@ -1,0 +1,144 @@
+"""Reference attention in plain torch over the paged KV cache (the CPU path).
+
+Legend: `T` tokens, `S` sequences, `Bd` decoding sequences, `Hq`/`Hkv` heads, `G` = Hq / Hkv,
+`D` head size, `L` context length.
+
+Decoding sequences (one query token each) run as one batched, masked GQA matmul; sequences with
+several query tokens (prefill chunks) run one SDPA call each with a causal mask offset by their
+cached context. Gather indices and masks are built once a step, shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from twinfer.layers.attention.backend import (
+    AttentionBackend,
+    CommonAttentionMetadata,
+    register_attn_backend,
+)
+
+
+@dataclass(slots=True)
+class PrefillSeq:
+    token_start: int
+    token_end: int
+    slots: torch.Tensor  # [L] flat cache slots of the whole context
+    mask: torch.Tensor | None  # [Tq, L] bool, None when the context starts at 0 (plain causal)
+
+
+@dataclass(slots=True)
+class TorchAttentionMetadata:
+    slot_mapping: torch.Tensor  # [T]
+    decode_tokens: torch.Tensor | None  # [Bd] token index of each decoding sequence
+    decode_slots: torch.Tensor | None  # [Bd * Lmax] flat cache slots, padded with slot 0
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] additive mask (0 or -inf)
+    decode_max_len: int
+    prefills: list[PrefillSeq]
+
+
+@register_attn_backend
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def build_metadata(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
+        bs = common.block_size
+        block_table = common.block_table
+        decode_rows = [s for s, q in enumerate(common.query_lens) if q == 1]
+        decode_tokens = decode_slots = decode_mask = None
+        max_len = 0
+        if decode_rows:
+            rows = torch.tensor(decode_rows, dtype=torch.long)
+            lens = torch.tensor([common.seq_lens[s] for s in decode_rows], dtype=torch.long)
+            max_len = int(max(common.seq_lens[s] for s in decode_rows))
+            pos = torch.arange(max_len)
+            # [Bd, Lmax] slot of each context position, via the block table.
+            blocks = block_table[rows][:, pos // bs]
+            valid = pos[None, :] < lens[:, None]
+            decode_slots = torch.where(valid, blocks * bs + pos % bs, 0).reshape(-1)
+            decode_mask = torch.zeros(len(decode_rows), 1, 1, max_len)
+            decode_mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
+            decode_tokens = torch.tensor(
+                [common.query_start_loc[s] for s in decode_rows], dtype=torch.long
+            )
+        prefills = []
+        for s, q_len in enumerate(common.query_lens):
+            if q_len == 1:
+                continue
+            seq_len = common.seq_lens[s]
+            pos = torch.arange(seq_len)
+            slots = block_table[s, pos // bs] * bs + pos % bs
+            context = seq_len - q_len
+            mask = None
+            if context > 0:
+                q_pos = torch.arange(context, seq_len)
+                mask = pos[None, :] <= q_pos[:, None]
+            start = common.query_start_loc[s]
+            prefills.append(PrefillSeq(start, start + q_len, slots, mask))
+        return TorchAttentionMetadata(
+            slot_mapping=common.slot_mapping,
+            decode_tokens=decode_tokens,
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            decode_max_len=max_len,
+            prefills=prefills,
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: TorchAttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        t, hq, d = q.shape
+        hkv = k.shape[1]
+        # [2, B, block_size, Hkv, D] -> two flat [B * block_size, Hkv, D] views.
+        k_cache = kv_cache[0].view(-1, hkv, d)
+        v_cache = kv_cache[1].view(-1, hkv, d)
+        k_cache.index_copy_(0, metadata.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, metadata.slot_mapping, v.to(v_cache.dtype))
+
+        out = torch.empty_like(q)
+        if metadata.decode_tokens is not None:
+            out[metadata.decode_tokens] = self._decode(q, k_cache, v_cache, metadata, scale)
+        for seq in metadata.prefills:
+            qs = q[seq.token_start : seq.token_end].transpose(0, 1)  # [Hq, Tq, D]
+            ks = k_cache[seq.slots].transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
+            vs = v_cache[seq.slots].transpose(0, 1).to(q.dtype)
+            o = F.scaled_dot_product_attention(
+                qs,
+                ks,
+                vs,
+                attn_mask=seq.mask,
+                is_causal=seq.mask is None,
+                scale=scale,
+                enable_gqa=hq != hkv,
+            )
+            out[seq.token_start : seq.token_end] = o.transpose(0, 1)
+        return out
+
+    @staticmethod
+    def _decode(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: TorchAttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [Bd, Hq, D]
+        _, hq, d = q.shape
+        hkv = k_cache.shape[1]
+        bd = metadata.decode_tokens.shape[0]
+        length = metadata.decode_max_len
+        # NOTE: GQA as a grouped matmul ([Bd, Hkv, G, D] x [Bd, Hkv, D, L]) instead of expanding K/V.
+        qd = q[metadata.decode_tokens].view(bd, hkv, hq // hkv, d)
+        kd = k_cache[metadata.decode_slots].view(bd, length, hkv, d).permute(0, 2, 3, 1)
+        vd = v_cache[metadata.decode_slots].view(bd, length, hkv, d).transpose(1, 2)
+        scores = torch.matmul(qd, kd.to(q.dtype)).float() * scale  # [Bd, Hkv, G, L]
+        probs = torch.softmax(scores + metadata.decode_mask, dim=-1).to(q.dtype)
+        return torch.matmul(probs, vd.to(q.dtype)).view(bd, hq, d)

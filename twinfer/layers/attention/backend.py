@@ -17,9 +17,9 @@ import torch
 class KVCacheSpec:
     """What one attention layer stores per token in the paged cache.
 
-    Full attention stores K and V (`num_entries=2`) of `[num_kv_heads, head_size]`; MLA will store one
-    compressed latent (`num_entries=1`, `num_kv_heads=1`, `head_size=kv_lora_rank + rope_dim`), so the
-    block pool counts blocks and each layer's backend decides the tensor layout.
+    Full attention stores K and V (`num_entries=2`) of `[num_kv_heads, head_size]`; MLA will
+    store one compressed latent (`num_entries=1`, `num_kv_heads=1`, `head_size=kv_lora_rank +
+    rope_dim`), so the block pool counts blocks and each layer's backend decides the layout.
     """
 
     num_kv_heads: int
@@ -37,9 +37,9 @@ class KVCacheSpec:
 class CommonAttentionMetadata:
     """Batch layout of one step, built once by the model runner and shared by all layers.
 
-    Tokens of sequence `s` are `query_start_loc[s]:query_start_loc[s+1]` in the flattened batch; they
-    sit at positions `seq_lens[s] - query_lens[s] ...` of that sequence. Python lists mirror the
-    tensors so backends never sync on `.item()`.
+    Tokens of sequence `s` are `query_start_loc[s]:query_start_loc[s+1]` in the flattened batch;
+    they sit at positions `seq_lens[s] - query_lens[s] ...` of that sequence. Python lists mirror
+    the tensors so backends never sync on `.item()`.
     """
 
     query_start_loc: list[int]  # [S+1]

@@ -135,7 +135,7 @@ class TorchAttentionBackend(AttentionBackend):
         hkv = k_cache.shape[1]
         bd = metadata.decode_tokens.shape[0]
         length = metadata.decode_max_len
-        # NOTE: GQA as a grouped matmul ([Bd, Hkv, G, D] x [Bd, Hkv, D, L]) instead of expanding K/V.
+        # NOTE: GQA as a grouped matmul ([Bd, Hkv, G, D] x [Bd, Hkv, D, L]), K/V never expanded.
         qd = q[metadata.decode_tokens].view(bd, hkv, hq // hkv, d)
         kd = k_cache[metadata.decode_slots].view(bd, length, hkv, d).permute(0, 2, 3, 1)
         vd = v_cache[metadata.decode_slots].view(bd, length, hkv, d).transpose(1, 2)

@@ -1,0 +1,82 @@
+"""The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF): real weights, real answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from twinfer import LLM, SamplingParams
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM()  # no model: the embedded default
+
+
+def test_answers_paris(llm) -> None:
+    out = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"  # ended by <|im_end|>, not by the length cap
+
+
+def test_first_30_greedy_tokens_equal_transformers(llm, smollm2_gguf, smollm2_tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ids = llm.engine.apply_chat_template(QUESTION + [
+        {"role": "assistant", "content": "The capital of France is Paris."},
+        {"role": "user", "content": "Tell me three facts about it."},
+    ])
+    ours = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    hf = AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    hf.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        x = torch.tensor([ids])
+        # NOTE: an explicit mask: generate() would otherwise mask every pad id (2 = <|im_end|>).
+        seq = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=30,
+                          do_sample=False, pad_token_id=2)
+    assert ours == seq[0, len(ids):].tolist()
+    assert smollm2_tokenizer.decode(ours)  # real text, not empty
+
+
+def test_chat_template_matches_transformers(llm, smollm2_tokenizer) -> None:
+    expected = smollm2_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+    if not isinstance(expected, list):
+        expected = expected["input_ids"]
+    assert llm.engine.apply_chat_template(QUESTION) == list(expected)
+
+
+def test_cli_generate_chat_prints_paris() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "twinfer.cli", "generate", "--chat", "--temperature", "0",
+         "What is the capital of France?"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_cli_chat_streams_from_stdin() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "twinfer.cli", "chat", "--temperature", "0"],
+        input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_cli_bad_flag_value_is_a_clear_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "twinfer.cli", "generate", "--top-p", "2", "hi"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "top_p must be in (0, 1]" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,73 @@
+"""Vocabulary-parallel token embedding and LM head.
+
+Shapes: `T` tokens, `N` rows to score, `H` hidden, `V` vocab. Each rank holds a contiguous slice of
+ceil(V / tp) vocabulary rows; the last slice is zero-padded when tp does not divide V.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from twinfer.layers.linear import check_shape, new_param, tp_all_gather, tp_all_reduce
+from twinfer.parallel import ParallelConfig
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token id -> embedding row; ids outside this rank's slice add zeros to the all-reduce."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        parallel: ParallelConfig | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.parallel = parallel or ParallelConfig()
+        self.prefix = prefix
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        tp = self.parallel.tp_size
+        # NOTE: pad instead of requiring tp | V: vocab sizes such as 151936 or 32000 are not
+        # divisible by every tensor_parallel_size; padded rows are zero and trimmed from logits.
+        self.num_embeddings_per_partition = -(-num_embeddings // tp)
+        self.vocab_start = self.parallel.tp_rank * self.num_embeddings_per_partition
+        self.vocab_end = min(self.vocab_start + self.num_embeddings_per_partition, num_embeddings)
+        self.weight = new_param(self.num_embeddings_per_partition, embedding_dim)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: Tensor, loaded_weight: Tensor, shard_id: object = None) -> None:
+        check_shape(loaded_weight, (self.num_embeddings, self.embedding_dim))
+        n = self.vocab_end - self.vocab_start
+        param.data[:n].copy_(loaded_weight[self.vocab_start : self.vocab_end])
+        param.data[n:].zero_()
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        if self.parallel.tp_size == 1:
+            return F.embedding(input_ids, self.weight)  # [T, H]
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)  # [T]
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside[:, None], 0)  # [T, H]
+        return tp_all_reduce(out, self.parallel)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, per_partition={self.weight.shape[0]}"
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Hidden -> vocabulary logits with this rank's vocab slice; logits gathered over ranks."""
+
+    def tie_weights(self, embed_tokens: VocabParallelEmbedding) -> None:
+        """Share the embedding's weight (tie_word_embeddings); checkpoints may omit lm_head."""
+        self.weight = embed_tokens.weight
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """[N, H] -> [N, V] float32 logits."""
+        logits = F.linear(hidden, self.weight)  # [N, V/tp] in the model dtype, as HF's lm_head
+        logits = tp_all_gather(logits, self.parallel)  # [N, V padded]
+        return logits[:, : self.num_embeddings].to(torch.float32)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        raise RuntimeError("ParallelLMHead is not an embedding; call compute_logits(hidden).")

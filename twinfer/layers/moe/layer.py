@@ -1,0 +1,146 @@
+"""MoELayer: router + routed experts with a placement; one layer, whatever the hardware.
+
+Shapes: `T` tokens, `H` hidden, `E` experts, `K` top-k, `I` expert inner size (this rank's slice).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from twinfer.layers.linear import (
+    ReplicatedLinear,
+    check_shape,
+    new_param,
+    tp_all_reduce,
+)
+from twinfer.layers.moe.backends import get_expert_backend
+from twinfer.layers.moe.placement import ExpertPlacement
+from twinfer.parallel import ParallelConfig
+
+SCORING_FUNCTIONS = ("softmax",)
+
+
+class MoELayer(nn.Module):
+    """Routed experts with a softmax top-k router (HF's Qwen3-MoE / Mixtral sparse MoE block).
+
+    Parameters: `gate.weight` [E, H] (replicated router), `w13_weight` [E, 2I, H] (gate rows then
+    up rows) and `w2_weight` [E, H, I]; with tensor parallelism each rank holds a slice of I and
+    the partial outputs are all-reduced. `weight_loader(param, w, shard_id)` takes shard_id
+    (expert, "w1"|"w3"|"w2") for a per-expert checkpoint tensor ([I, H], [I, H], [H, I]) or
+    (None, "w13"|"w2") for a fused one ([E, 2I, H] or [E, H, I], transformers 5's layout).
+
+    `cast_routing_weights`: cast the top-k weights to the hidden dtype before the weighted sum
+    (HF Qwen3-MoE); HF Mixtral keeps them float32. Only matters for bf16/fp16 rounding.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        renormalize: bool,
+        parallel: ParallelConfig | None = None,
+        prefix: str = "",
+        scoring: str = "softmax",
+        cast_routing_weights: bool = True,
+        placement: ExpertPlacement | None = None,
+        backend: str = "torch",
+    ) -> None:
+        super().__init__()
+        if scoring not in SCORING_FUNCTIONS:
+            raise ValueError(
+                f"MoE scoring function {scoring!r} is not supported; twinfer supports: "
+                f"{', '.join(SCORING_FUNCTIONS)}."
+            )
+        if not 0 < top_k <= num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({top_k}) must be in 1..num_experts ({num_experts})."
+            )
+        self.parallel = parallel or ParallelConfig()
+        self.prefix = prefix
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.intermediate_size_local = self.parallel.shard(intermediate_size, "expert inner size")
+        self.renormalize = renormalize
+        self.scoring = scoring
+        self.cast_routing_weights = cast_routing_weights
+
+        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, prefix=f"{prefix}.gate")
+        i_local = self.intermediate_size_local
+        self.w13_weight = new_param(num_experts, 2 * i_local, hidden_size)
+        self.w2_weight = new_param(num_experts, hidden_size, i_local)
+        experts = range(num_experts)
+        self.w13_weight.shard_ids = frozenset((e, w) for e in experts for w in ("w1", "w3"))
+        self.w2_weight.shard_ids = frozenset((e, "w2") for e in experts)
+        for p in (self.w13_weight, self.w2_weight):
+            p.weight_loader = self.weight_loader
+
+        self.placement = placement or ExpertPlacement.uniform(num_experts)
+        if self.placement.num_experts != num_experts:
+            raise ValueError(
+                f"expert placement covers {self.placement.num_experts} experts but the layer has "
+                f"{num_experts}."
+            )
+        self.backend = get_expert_backend(backend)
+
+    def set_backend(self, name: str) -> None:
+        """Swap the expert backend (by registry name); the weights and the math stay the same."""
+        self.backend = get_expert_backend(name)
+
+    def weight_loader(self, param: Tensor, loaded_weight: Tensor, shard_id: object) -> None:
+        if not (isinstance(shard_id, tuple) and len(shard_id) == 2):
+            raise ValueError(f"MoE shard_id must be (expert, 'w1'|'w3'|'w2'|'w13'): {shard_id!r}")
+        expert, which = shard_id
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        n, lo = self.intermediate_size_local, self.parallel.tp_rank * self.intermediate_size_local
+        if expert is not None and not 0 <= expert < e:
+            raise ValueError(
+                f"the checkpoint has expert {expert} but config.json says there are {e} experts; "
+                "the checkpoint does not match config.json."
+            )
+        if expert is None and which == "w13":  # [E, 2I, H]: gate rows, then up rows
+            check_shape(loaded_weight, (e, 2 * i, h))
+            param.data[:, :n].copy_(loaded_weight[:, lo : lo + n])
+            param.data[:, n:].copy_(loaded_weight[:, i + lo : i + lo + n])
+        elif expert is None and which == "w2":  # [E, H, I]
+            check_shape(loaded_weight, (e, h, i))
+            param.data.copy_(loaded_weight[:, :, lo : lo + n])
+        elif which in ("w1", "w3"):  # one expert's gate or up: [I, H]
+            check_shape(loaded_weight, (i, h))
+            dst = 0 if which == "w1" else n
+            param.data[expert, dst : dst + n].copy_(loaded_weight[lo : lo + n])
+        elif which == "w2":  # one expert's down: [H, I]
+            check_shape(loaded_weight, (h, i))
+            param.data[expert].copy_(loaded_weight[:, lo : lo + n])
+        else:
+            raise ValueError(f"MoE shard_id must be (expert, 'w1'|'w3'|'w2'|'w13'): {shard_id!r}")
+
+    def route(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """hidden [T, H] -> (topk_weights [T, K], topk_ids [T, K] int64), as HF's top-k router."""
+        router_logits = self.gate(hidden)  # [T, E] in the model dtype, like HF
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
+        if self.renormalize:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        if self.cast_routing_weights:
+            topk_weights = topk_weights.to(hidden.dtype)
+        return topk_weights, topk_ids
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden [T, H] -> [T, H]."""
+        topk_weights, topk_ids = self.route(hidden)
+        # NOTE: one backend for all experts while every expert is local; a mixed placement will
+        # split the slots by location here (device experts + host experts) and sum the parts.
+        out = self.backend.forward(hidden, topk_weights, topk_ids, self.w13_weight, self.w2_weight)
+        return tp_all_reduce(out, self.parallel)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
+            f"inner={self.intermediate_size_local}, renormalize={self.renormalize}, "
+            f"backend={self.backend.name}, placement='{self.placement.summary()}'"
+        )

@@ -1,0 +1,42 @@
+"""RMSNorm with an optional fused residual add, numerically like HF's LlamaRMSNorm."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from twinfer.layers.linear import default_weight_loader, new_param
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, computed in float32 and cast back.
+
+    `forward(x)` returns the normed x; `forward(x, residual)` first adds the residual and returns
+    (normed sum, sum) so the decoder layer carries the residual stream without an extra pass.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.variance_epsilon = eps
+        self.weight = new_param(hidden_size)
+        self.weight.weight_loader = default_weight_loader
+
+    def _norm(self, x: Tensor) -> Tensor:
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        # NOTE: cast back before the weight multiply, exactly as HF does, so results match
+        # transformers bit for bit in fp32 and as closely as possible in bf16/fp16.
+        return self.weight * h.to(input_dtype)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if residual is None:
+            return self._norm(x)
+        # NOTE: the add happens in the model dtype (HF: `residual + hidden_states`), not fp32 as in
+        # vLLM's fused kernel; the sum is what the next layer's residual carries.
+        x = x + residual
+        return self._norm(x), x
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.variance_epsilon}"

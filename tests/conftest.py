@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,52 @@ def smollm2_tokenizer(smollm2_gguf: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+# ---- the engine-empty invariant, checked after every test ----
+_live_engines: weakref.WeakSet = weakref.WeakSet()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _track_engines():
+    from twinfer.engine.llm_engine import LLMEngine
+
+    original = LLMEngine.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        _live_engines.add(self)
+
+    LLMEngine.__init__ = tracking_init
+    yield
+    LLMEngine.__init__ = original
+
+
+@pytest.fixture(autouse=True)
+def engine_empty_invariant():
+    """After every test, every engine alive has no live request and all KV blocks free."""
+    yield
+    for engine in list(_live_engines):
+        assert engine.is_empty(), (
+            f"engine not empty after the test: {engine.core.scheduler.requests}, "
+            f"{engine.core.scheduler.kv_cache.num_free_blocks}/"
+            f"{engine.core.scheduler.kv_cache.num_blocks} blocks free"
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """make(shape) -> a random fp32 checkpoint directory, built once per shape per session."""
+    import torch
+
+    from twinfer.bench.random_model import make_random_checkpoint
+
+    made: dict[str, Path] = {}
+
+    def make(shape: str) -> Path:
+        if shape not in made:
+            out = tmp_path_factory.mktemp(shape)
+            made[shape] = make_random_checkpoint(shape, out, dtype=torch.float32, seed=1)
+        return made[shape]
+
+    return make

@@ -83,10 +83,10 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sampling-seed", type=int, default=None, help="Per-request seed.")
 
 
-def _sampling_params(llm: Any, args: argparse.Namespace):
-    from dataclasses import replace
+def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags given, validated before any model is loaded."""
+    from twinfer.sampling_params import SamplingParams
 
-    params = llm.get_default_sampling_params()
     overrides = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -99,7 +99,13 @@ def _sampling_params(llm: Any, args: argparse.Namespace):
         "ignore_eos": args.ignore_eos or None,
         "seed": args.sampling_seed,
     }
-    return replace(params, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    SamplingParams(**overrides)
+    return overrides
+
+
+def _sampling_params(llm: Any, overrides: dict[str, Any]):
+    return dataclasses.replace(llm.get_default_sampling_params(), **overrides)
 
 
 def _make_llm(args: argparse.Namespace):
@@ -120,21 +126,31 @@ def _generate(args: argparse.Namespace) -> int:
         prompts.extend(line for line in lines if line.strip())
     if not prompts:
         raise ValueError("no prompts: pass them as arguments or with --prompts-file FILE.")
+    overrides = _sampling_overrides(args)
     llm = _make_llm(args)
-    params = _sampling_params(llm, args)
+    params = _sampling_params(llm, overrides)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
     else:
         outputs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outputs, strict=True):
         if args.json:
-            print(json.dumps({
-                "prompt": prompt,
-                "outputs": [
-                    {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
-                    for c in out.outputs
-                ],
-            }, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "outputs": [
+                            {
+                                "text": c.text,
+                                "token_ids": c.token_ids,
+                                "finish_reason": c.finish_reason,
+                            }
+                            for c in out.outputs
+                        ],
+                    },
+                    ensure_ascii=False,
+                )
+            )
             continue
         for c in out.outputs:
             print(c.text if args.chat else prompt + c.text)
@@ -144,8 +160,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    overrides = _sampling_overrides(args)
     llm = _make_llm(args)
-    params = _sampling_params(llm, args)
+    params = _sampling_params(llm, overrides)
     engine = llm.engine
     history: list[dict[str, str]] = []
     if args.system:

@@ -36,8 +36,10 @@ class EngineConfig:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "auto | float32 | bfloat16 | float16 (auto: the checkpoint's, fp32 on CPU "
-                  "without bf16 support)."},
+        metadata={
+            "help": "auto | float32 | bfloat16 | float16 (auto: the checkpoint's, fp32 on CPU "
+            "without bf16 support)."
+        },
     )
     max_model_len: int | None = field(
         default=None, metadata={"help": "Longest prompt + output (default: the model's limit)."}
@@ -52,8 +54,10 @@ class EngineConfig:
     )
     kv_cache_memory_bytes: int | None = field(
         default=None,
-        metadata={"help": "Bytes for the KV cache on the CPU (default: enough for max_num_seqs "
-                  "sequences of max_model_len, at most 4 GiB)."},
+        metadata={
+            "help": "Bytes for the KV cache on the CPU (default: enough for max_num_seqs "
+            "sequences of max_model_len, at most 4 GiB)."
+        },
     )
     num_gpu_blocks_override: int | None = field(
         default=None, metadata={"help": "Force the number of KV blocks (testing, tuning)."}
@@ -65,8 +69,10 @@ class EngineConfig:
     )
     generation_config: str = field(
         default="auto",
-        metadata={"help": "auto (the model's generation_config.json defaults) | vllm (none) | a "
-                  "directory holding generation_config.json."},
+        metadata={
+            "help": "auto (the model's generation_config.json defaults) | vllm (none) | a "
+            "directory holding generation_config.json."
+        },
     )
     max_logprobs: int = field(
         default=20, metadata={"help": "Most logprobs a request may ask for per token."}
@@ -83,7 +89,9 @@ class EngineConfig:
                 "supported; use a model whose architecture twinfer implements."
             )
         if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is unknown; choose one of {', '.join(_DTYPES)}.")
+            raise ValueError(
+                f"dtype {self.dtype!r} is unknown; choose one of {', '.join(_DTYPES)}."
+            )
         if self.device not in _DEVICES:
             raise ValueError(f"device {self.device!r} is unknown; choose one of {_DEVICES}.")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -113,7 +121,9 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+            raise ValueError(
+                "device cuda was asked for but no CUDA GPU is visible; use --device cpu."
+            )
         return torch.device(self.device)
 
     # ---- CLI ----
@@ -125,7 +135,11 @@ class EngineConfig:
             if f.name in skip:
                 continue
             flag = "--" + f.name.replace("_", "-")
-            kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata.get("help")}
+            kwargs: dict[str, Any] = {
+                "dest": f.name,
+                "default": f.default,
+                "help": f.metadata.get("help"),
+            }
             if f.type == "bool":
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif f.type in ("int", "int | None"):
@@ -149,6 +163,7 @@ class EngineConfig:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ValueError(
-                f"unknown engine argument(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}."
+                f"unknown engine argument(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(names))}."
             )
         return cls(**kwargs)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
-    """Tensor-parallel group of this process: layers shard their weights by `tp_size` / `tp_rank`."""
+    """Tensor-parallel group of this process: layers shard weights by `tp_size` / `tp_rank`."""
 
     tp_size: int = 1
     tp_rank: int = 0

@@ -72,7 +72,9 @@ def test_freed_blocks_stay_cached_until_evicted() -> None:
 
 def test_hash_chain_depends_on_the_whole_prefix() -> None:
     first = hash_block(None, [1, 2, 3, 4])
-    assert hash_block(first, [5, 6, 7, 8]) != hash_block(hash_block(None, [9, 2, 3, 4]), [5, 6, 7, 8])
+    assert hash_block(first, [5, 6, 7, 8]) != hash_block(
+        hash_block(None, [9, 2, 3, 4]), [5, 6, 7, 8]
+    )
     assert hash_block(None, [1, 2, 3, 4]) == first
 
 

@@ -21,8 +21,9 @@ def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_m
 
 def make_request(rid, prompt_len, max_tokens=8, **params) -> Request:
     tokens = [random.Random(rid).randrange(1, 100) for _ in range(prompt_len)]
-    return Request(rid, tokens, SamplingParams(max_tokens=max_tokens, **params), frozenset({EOS}),
-                   max_tokens)
+    return Request(
+        rid, tokens, SamplingParams(max_tokens=max_tokens, **params), frozenset({EOS}), max_tokens
+    )
 
 
 def run_step(sched: Scheduler, next_token=lambda req: 7):
@@ -138,5 +139,7 @@ def test_random_workload_keeps_the_pool_consistent() -> None:
     rng = random.Random(0)
     sched = make_scheduler(num_blocks=20, block_size=4, max_num_seqs=6, budget=16)
     for i in range(30):
-        sched.add_request(make_request(f"r{i}", rng.randrange(1, 30), max_tokens=rng.randrange(1, 12)))
+        sched.add_request(
+            make_request(f"r{i}", rng.randrange(1, 30), max_tokens=rng.randrange(1, 12))
+        )
     run_to_completion(sched, next_token=lambda req: rng.randrange(1, 100), max_steps=5000)

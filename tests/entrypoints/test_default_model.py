@@ -27,12 +27,20 @@ def test_answers_paris(llm) -> None:
 def test_first_30_greedy_tokens_equal_transformers(llm, smollm2_gguf, smollm2_tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
-    ids = llm.engine.apply_chat_template(QUESTION + [
-        {"role": "assistant", "content": "The capital of France is Paris."},
-        {"role": "user", "content": "Tell me three facts about it."},
-    ])
-    ours = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
-                        use_tqdm=False)[0].outputs[0].token_ids
+    ids = llm.engine.apply_chat_template(
+        QUESTION
+        + [
+            {"role": "assistant", "content": "The capital of France is Paris."},
+            {"role": "user", "content": "Tell me three facts about it."},
+        ]
+    )
+    ours = (
+        llm.generate(
+            [ids], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True), use_tqdm=False
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
     hf = AutoModelForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
@@ -40,9 +48,10 @@ def test_first_30_greedy_tokens_equal_transformers(llm, smollm2_gguf, smollm2_to
     with torch.inference_mode():
         x = torch.tensor([ids])
         # NOTE: an explicit mask: generate() would otherwise mask every pad id (2 = <|im_end|>).
-        seq = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=30,
-                          do_sample=False, pad_token_id=2)
-    assert ours == seq[0, len(ids):].tolist()
+        seq = hf.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=30, do_sample=False, pad_token_id=2
+        )
+    assert ours == seq[0, len(ids) :].tolist()
     assert smollm2_tokenizer.decode(ours)  # real text, not empty
 
 
@@ -55,9 +64,19 @@ def test_chat_template_matches_transformers(llm, smollm2_tokenizer) -> None:
 
 def test_cli_generate_chat_prints_paris() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "twinfer.cli", "generate", "--chat", "--temperature", "0",
-         "What is the capital of France?"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "twinfer.cli",
+            "generate",
+            "--chat",
+            "--temperature",
+            "0",
+            "What is the capital of France?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
@@ -66,7 +85,10 @@ def test_cli_generate_chat_prints_paris() -> None:
 def test_cli_chat_streams_from_stdin() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "twinfer.cli", "chat", "--temperature", "0"],
-        input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
+        input="What is the capital of France?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
@@ -75,7 +97,9 @@ def test_cli_chat_streams_from_stdin() -> None:
 def test_cli_bad_flag_value_is_a_clear_error() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "twinfer.cli", "generate", "--top-p", "2", "hi"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "top_p must be in (0, 1]" in proc.stderr

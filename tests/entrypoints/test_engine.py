@@ -42,8 +42,12 @@ def tokens(outputs) -> list[list[int]]:
 def test_batch_invariance_with_random_neighbours(llm, reference) -> None:
     rng = random.Random(0)
     for _ in range(2):
-        neighbours = [" ".join(rng.choice(["alpha", "beta", "γ", "🙂", "42"]) for _ in range(rng.randint(1, 60)))
-                      for _ in range(rng.randint(1, 6))]
+        neighbours = [
+            " ".join(
+                rng.choice(["alpha", "beta", "γ", "🙂", "42"]) for _ in range(rng.randint(1, 60))
+            )
+            for _ in range(rng.randint(1, 6))
+        ]
         batch = PROMPTS + neighbours
         rng.shuffle(batch)
         out = dict(zip(batch, tokens(llm.generate(batch, GREEDY, use_tqdm=False)), strict=True))
@@ -61,6 +65,7 @@ def test_forced_preemption_equals_none(model_dir, reference) -> None:
     llm = LLM(str(model_dir), dtype="float32", max_model_len=160, num_gpu_blocks_override=10)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert tokens(outs) == reference
+    assert llm.engine.core.scheduler.num_preemptions > 0
     assert llm.engine.core.scheduler.kv_cache.num_free_blocks == 10
 
 
@@ -95,13 +100,24 @@ def test_stop_string_and_max_tokens(llm, reference) -> None:
     text = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].text
     stop = text[5:9]
     assert stop.strip(), text
-    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                                  stop=[stop]), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        PROMPTS[0],
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == text[: text.index(stop)]
-    keep = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                                   stop=[stop], include_stop_str_in_output=True),
-                        use_tqdm=False)[0].outputs[0]
+    keep = llm.generate(
+        PROMPTS[0],
+        SamplingParams(
+            temperature=0,
+            max_tokens=24,
+            ignore_eos=True,
+            stop=[stop],
+            include_stop_str_in_output=True,
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert keep.text == text[: text.index(stop) + len(stop)]
     short = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert short[0].outputs[0].finish_reason in ("length", "stop")
@@ -124,7 +140,9 @@ def test_stop_string_and_max_tokens(llm, reference) -> None:
         ("hi", {"logprobs": 50}, "max-logprobs"),
     ],
 )
-def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(llm, reference, prompt, params, message):
+def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(
+    llm, reference, prompt, params, message
+):
     with pytest.raises(ValueError, match=message):
         llm.generate([PROMPTS[0], prompt], SamplingParams(**params), use_tqdm=False)
     assert llm.engine.is_empty()

@@ -36,11 +36,16 @@ def test_chunked_steps_match_full_causal_attention(block_size: int, heads) -> No
     rng.shuffle(free)
     for length in lengths:
         nb = -(-length // block_size)
-        seqs.append({
-            "q": torch.randn(length, hq, d), "k": torch.randn(length, hkv, d),
-            "v": torch.randn(length, hkv, d), "blocks": [free.pop() for _ in range(nb)],
-            "done": 0, "out": torch.zeros(length, hq, d),
-        })
+        seqs.append(
+            {
+                "q": torch.randn(length, hq, d),
+                "k": torch.randn(length, hkv, d),
+                "v": torch.randn(length, hkv, d),
+                "blocks": [free.pop() for _ in range(nb)],
+                "done": 0,
+                "out": torch.zeros(length, hq, d),
+            }
+        )
     # Feed every sequence in random chunks (1 = decode), several sequences per step.
     while any(s["done"] < s["q"].shape[0] for s in seqs):
         active = [s for s in seqs if s["done"] < s["q"].shape[0]]
@@ -50,18 +55,27 @@ def test_chunked_steps_match_full_causal_attention(block_size: int, heads) -> No
             n = min(rng.choice([1, 1, 3, 8, 40]), s["q"].shape[0] - s["done"])
             lo, hi = s["done"], s["done"] + n
             qs.append(s["q"][lo:hi]), ks.append(s["k"][lo:hi]), vs.append(s["v"][lo:hi])
-            slots += [s["blocks"][p // block_size] * block_size + p % block_size for p in range(lo, hi)]
+            slots += [
+                s["blocks"][p // block_size] * block_size + p % block_size for p in range(lo, hi)
+            ]
             qsl.append(qsl[-1] + n), qlens.append(n), slens.append(hi)
         width = max(len(s["blocks"]) for s in step)
         table = torch.zeros(len(step), width, dtype=torch.long)
         for i, s in enumerate(step):
             table[i, : len(s["blocks"])] = torch.tensor(s["blocks"])
         common = CommonAttentionMetadata(qsl, qlens, slens, table, torch.tensor(slots), block_size)
-        out = backend.forward(torch.cat(qs), torch.cat(ks), torch.cat(vs), cache,
-                              backend.build_metadata(common), d**-0.5)
+        out = backend.forward(
+            torch.cat(qs),
+            torch.cat(ks),
+            torch.cat(vs),
+            cache,
+            backend.build_metadata(common),
+            d**-0.5,
+        )
         for i, s in enumerate(step):
             s["out"][slens[i] - qlens[i] : slens[i]] = out[qsl[i] : qsl[i + 1]]
             s["done"] = slens[i]
     for s in seqs:
-        torch.testing.assert_close(s["out"], reference(s["q"], s["k"], s["v"], d**-0.5),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            s["out"], reference(s["q"], s["k"], s["v"], d**-0.5), atol=1e-5, rtol=1e-5
+        )

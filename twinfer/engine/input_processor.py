@@ -67,8 +67,13 @@ class InputProcessor:
         if params.n == 1:
             return [Request(request_id, ids, params, self.info.eos_token_ids, max_tokens)]
         return [
-            Request(child_id(request_id, i), ids, params.clone_for_child(i),
-                    self.info.eos_token_ids, max_tokens)
+            Request(
+                child_id(request_id, i),
+                ids,
+                params.clone_for_child(i),
+                self.info.eos_token_ids,
+                max_tokens,
+            )
             for i in range(params.n)
         ]
 

@@ -111,7 +111,7 @@ class KVCacheManager:
         num_new_tokens: int,
         new_computed_blocks: Sequence[KVCacheBlock] = (),
     ) -> bool:
-        """Give `req` room for `num_new_tokens` more tokens (after any cache hits). False if full."""
+        """Make room for `num_new_tokens` more tokens (after any cache hits); False if full."""
         owned = self.req_blocks.setdefault(req.request_id, [])
         num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = self.blocks_needed(num_computed + num_new_tokens)

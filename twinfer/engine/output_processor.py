@@ -55,7 +55,9 @@ class OutputProcessor:
         for index, req in enumerate(engine_requests):
             detok = None
             if req.sampling_params.detokenize:
-                detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, req.sampling_params)
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids, req.sampling_params
+                )
             output = CompletionOutput(index=index, text="", token_ids=[])
             if req.sampling_params.logprobs is not None:
                 output.logprobs, output.cumulative_logprob = [], 0.0
@@ -106,7 +108,9 @@ class OutputProcessor:
                 self._forget(result.request_id)
         return results, to_abort
 
-    def _append(self, c: _Completion, out: EngineCoreOutput, finish_reason: str | None) -> str | None:
+    def _append(
+        self, c: _Completion, out: EngineCoreOutput, finish_reason: str | None
+    ) -> str | None:
         output = c.output
         output.token_ids.extend(out.new_token_ids)
         if out.new_logprobs is not None and output.logprobs is not None:

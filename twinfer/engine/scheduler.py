@@ -79,6 +79,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_since_step: list[str] = []
+        self.num_preemptions = 0  # since start, for logs and metrics
 
     # ---- membership ----
     def add_request(self, req: Request) -> None:
@@ -171,6 +172,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def update_from_output(

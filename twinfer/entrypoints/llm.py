@@ -115,4 +115,6 @@ def _as_batch(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
         if not prompts:
             raise ValueError("no prompts given; pass a string, token ids, or a list of them.")
         return [p if isinstance(p, str) else list(p) for p in prompts]
-    raise ValueError(f"prompts must be a string, token ids, or a list of them, not {type(prompts)}.")
+    raise ValueError(
+        f"prompts must be a string, token ids, or a list of them, not {type(prompts)}."
+    )

@@ -65,7 +65,9 @@ def load_hf_config(source: ModelSource) -> Any:
         ) from exc
 
 
-def resolve_dtype(config: EngineConfig, hf_config: Any, source: ModelSource, device: torch.device) -> torch.dtype:
+def resolve_dtype(
+    config: EngineConfig, hf_config: Any, source: ModelSource, device: torch.device
+) -> torch.dtype:
     if config.torch_dtype is not None:
         return config.torch_dtype
     ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
@@ -148,10 +150,7 @@ def _generation_config(config: EngineConfig, source: ModelSource) -> dict[str, A
 def load_tokenizer(config: EngineConfig, source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
-    if config.tokenizer is not None:
-        tok_source = resolve_model(config.tokenizer)
-    else:
-        tok_source = source
+    tok_source = resolve_model(config.tokenizer) if config.tokenizer is not None else source
     if tok_source.kind == "gguf":
         from twinfer.loader.gguf import GGUFCheckpoint
 
@@ -191,7 +190,9 @@ def load_model(info: ModelInfo) -> nn.Module:
         loaded = model.load_weights(_weights(info))
     missing = sorted(set(dict(model.named_parameters())) - set(loaded))
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise ValueError(
             f"the checkpoint {info.source.path} lacks weights the model needs: {shown}; the "
             "files are incomplete or do not match config.json."

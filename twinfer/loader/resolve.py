@@ -20,7 +20,7 @@ class ModelSource:
 
 
 def default_model_path() -> Path:
-    """The embedded default model, located without importing its package (whose deps are unrelated)."""
+    """The embedded default model, found without importing its package (its deps are unrelated)."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(

@@ -17,7 +17,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{index} is not a valid safetensors index ({exc}); re-download it.")
+            raise ValueError(
+                f"{index} is not a valid safetensors index ({exc}); re-download it."
+            ) from exc
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:

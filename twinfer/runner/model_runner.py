@@ -27,7 +27,9 @@ _CPU_DEFAULT_KV_BYTES = 4 * 2**30
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, info: ModelInfo, model: nn.Module | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, info: ModelInfo, model: nn.Module | None = None
+    ) -> None:
         self.config = config
         self.info = info
         self.device = info.device
@@ -43,7 +45,8 @@ class ModelRunner:
 
     # ---- KV cache ----
     def kv_bytes_per_token(self) -> int:
-        return sum(layer.kv_cache_spec(self.info.dtype).bytes_per_token for layer in self.attn_layers)
+        dtype = self.info.dtype
+        return sum(layer.kv_cache_spec(dtype).bytes_per_token for layer in self.attn_layers)
 
     def initialize_kv_cache(self) -> int:
         """Size and allocate the paged KV cache; returns the number of blocks."""

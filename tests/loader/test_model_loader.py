@@ -1,0 +1,105 @@
+"""Loading: model sources, and a clear error for every broken checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from twinfer import LLM, SamplingParams
+from twinfer.config import EngineConfig
+from twinfer.loader.resolve import resolve_model
+
+
+@pytest.fixture()
+def checkpoint_copy(tiny_checkpoints, tmp_path) -> Path:
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_checkpoints("llama-tiny"), dst)
+    return dst
+
+
+def test_missing_model_path() -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM("/nonexistent/model-dir")
+
+
+def test_directory_without_config(tmp_path) -> None:
+    with pytest.raises(ValueError, match="no config.json"):
+        LLM(str(tmp_path))
+
+
+def test_unknown_architecture_lists_the_supported_ones(checkpoint_copy) -> None:
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    config["architectures"] = ["FancyNewForCausalLM"]
+    (checkpoint_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="FancyNewForCausalLM.*LlamaForCausalLM"):
+        LLM(str(checkpoint_copy))
+
+
+def test_remote_code_is_refused(checkpoint_copy) -> None:
+    with pytest.raises(ValueError, match="never runs code"):
+        LLM(str(checkpoint_copy), trust_remote_code=True)
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    config.update(model_type="fancy_remote", auto_map={"AutoModelForCausalLM": "fancy.Model"})
+    (checkpoint_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust-remote-code"):
+        LLM(str(checkpoint_copy))
+
+
+def test_missing_weights(checkpoint_copy) -> None:
+    for f in checkpoint_copy.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        LLM(str(checkpoint_copy))
+
+
+def test_corrupt_safetensors(checkpoint_copy) -> None:
+    shard = next(checkpoint_copy.glob("*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        LLM(str(checkpoint_copy))
+
+
+def test_corrupt_gguf(tmp_path) -> None:
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a valid GGUF"):
+        LLM(str(bad))
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"\x01\x02")
+    with pytest.raises(ValueError, match="not a GGUF"):
+        LLM(str(other))
+
+
+def test_unknown_hub_id_names_what_is_missing(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="not-a-real-org/not-a-model.*cache"):
+        resolve_model("not-a-real-org/not-a-model")
+
+
+def test_hub_id_resolves_from_the_local_cache(tiny_checkpoints, monkeypatch, tmp_path) -> None:
+    snapshot = tmp_path / "models--acme--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_checkpoints("llama-tiny"), snapshot)
+    (tmp_path / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model("acme/tiny").path == snapshot
+
+
+def test_unknown_engine_argument() -> None:
+    with pytest.raises(ValueError, match="unknown engine argument.*max_num_seq"):
+        EngineConfig.from_kwargs(max_num_seq=4)
+
+
+def test_generation_config_eos_is_honoured(tiny_checkpoints) -> None:
+    llm = LLM(str(tiny_checkpoints("llama-tiny")), dtype="float32")
+    eos = llm.engine.info.eos_token_ids
+    assert eos, "generation_config.json's eos_token_id must be read"
+    out = llm.generate(
+        "Hello", SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[]), use_tqdm=False
+    )[0].outputs[0]
+    assert all(t not in eos for t in out.token_ids[:-1])

@@ -60,13 +60,14 @@ def test_chunked_prefill_equals_unchunked(model_dir, reference, budget) -> None:
     assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
 
 
-def test_forced_preemption_equals_none(model_dir, reference) -> None:
-    # 10 blocks of 16 tokens cannot hold five sequences at once: requests get preempted.
-    llm = LLM(str(model_dir), dtype="float32", max_model_len=160, num_gpu_blocks_override=10)
-    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert tokens(outs) == reference
-    assert llm.engine.core.scheduler.num_preemptions > 0
-    assert llm.engine.core.scheduler.kv_cache.num_free_blocks == 10
+def test_forced_preemption_equals_none(llm, model_dir) -> None:
+    # Four sequences growing to ~70 tokens need ~20 blocks of 16; a pool of 10 forces preemption.
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    expected = tokens(llm.generate(PROMPTS[:4], params, use_tqdm=False))
+    small = LLM(str(model_dir), dtype="float32", max_model_len=160, num_gpu_blocks_override=10)
+    assert tokens(small.generate(PROMPTS[:4], params, use_tqdm=False)) == expected
+    assert small.engine.core.scheduler.num_preemptions > 0
+    assert small.engine.core.scheduler.kv_cache.num_free_blocks == 10
 
 
 def test_prefix_cache_on_equals_off_and_reports_hits(model_dir, reference) -> None:

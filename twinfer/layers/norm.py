@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twinfer.layers.linear import default_weight_loader, new_param
@@ -23,12 +23,9 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = default_weight_loader
 
     def _norm(self, x: Tensor) -> Tensor:
-        input_dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        # NOTE: cast back before the weight multiply, exactly as HF does, so results match
-        # transformers bit for bit in fp32 and as closely as possible in bf16/fp16.
-        return self.weight * h.to(input_dtype)
+        # NOTE: torch's fused kernel (one op, float accumulation) instead of HF's six eager ops:
+        # equal to HF within float rounding, and on a CPU decode step 61 norms are ~5% of the time.
+        return F.rms_norm(x, (self.hidden_size,), self.weight, self.variance_epsilon)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         if residual is None:

@@ -88,6 +88,8 @@ class RotaryEmbedding(nn.Module):
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [P, D]
         cache = cache.to(torch.get_default_device())
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self._step_key: tuple[Tensor, torch.dtype] | None = None
+        self._step_cos_sin: tuple[Tensor, Tensor] = (cache, cache)
 
     @classmethod
     def from_config(cls, config: Any, head_size: int) -> RotaryEmbedding:
@@ -101,11 +103,18 @@ class RotaryEmbedding(nn.Module):
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return out.view(t, -1)
 
+    def _cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # NOTE: every layer of a step rotates at the same positions; gather and cast once.
+        key = self._step_key
+        if key is None or key[0] is not positions or key[1] != dtype:
+            cos_sin = self.cos_sin_cache.index_select(0, positions)  # [T, D]
+            cos, sin = cos_sin.chunk(2, dim=-1)  # [T, D/2] each
+            self._step_cos_sin = (cos[:, None, :].to(dtype), sin[:, None, :].to(dtype))
+            self._step_key = (positions, dtype)
+        return self._step_cos_sin  # [T, 1, D/2] each
+
     def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        cos_sin = self.cos_sin_cache.index_select(0, positions)  # [T, D]
-        cos, sin = cos_sin.chunk(2, dim=-1)  # [T, D/2] each
-        cos = cos[:, None, :].to(q.dtype)  # [T, 1, D/2]
-        sin = sin[:, None, :].to(q.dtype)
+        cos, sin = self._cos_sin(positions, q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def extra_repr(self) -> str:

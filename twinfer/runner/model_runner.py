@@ -23,7 +23,9 @@ from twinfer.runner.sampler import Sampler, SamplingMetadata, compute_token_logp
 
 logger = logging.getLogger(__name__)
 
-_CPU_DEFAULT_KV_BYTES = 4 * 2**30
+# NOTE: the pool is zeroed (padded gathers must never read NaN), so its pages are touched at
+# start: 1 GiB keeps start-up quick and leaves RAM for the weights; raise --kv-cache-memory-bytes.
+_CPU_DEFAULT_KV_BYTES = 2**30
 
 
 class ModelRunner:

@@ -56,7 +56,7 @@ class EngineConfig:
         default=None,
         metadata={
             "help": "Bytes for the KV cache on the CPU (default: enough for max_num_seqs "
-            "sequences of max_model_len, at most 4 GiB)."
+            "sequences of max_model_len, at most 1 GiB)."
         },
     )
     num_gpu_blocks_override: int | None = field(

@@ -119,7 +119,7 @@ class LinearBase(nn.Module):
         default_weight_loader(param, loaded_weight)
 
     def process_weights_after_loading(self) -> None:
-        """Prepare W once for the runtime kernel (on the CPU: prepacked; the plain copy is freed)."""
+        """Prepare W once for the runtime kernel (CPU: prepacked, the plain copy freed)."""
         packed = cpu_prepack(self.weight)
         if packed is not None:
             self.packed_weight = packed

@@ -19,7 +19,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1  # -1 (or 0, normalised to -1 like vLLM) disables top-k
+    top_k: int = -1  # -1 disables top-k
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -42,8 +42,6 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == 0:
-            self.top_k = -1
         self._verify()
 
     def _verify(self) -> None:
@@ -56,8 +54,8 @@ class SamplingParams:
             )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}; use 1 to disable it.")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}.")
+        if not isinstance(self.top_k, int) or self.top_k < -1 or self.top_k == 0:
+            raise ValueError(f"top_k must be -1 (to disable it) or at least 1, got {self.top_k}.")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}; use 0 to disable it.")
         if not -2.0 <= self.presence_penalty <= 2.0:

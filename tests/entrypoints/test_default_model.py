@@ -24,6 +24,11 @@ def llm_fp32() -> LLM:
 
 
 def test_answers_paris(llm) -> None:
+    from twinfer.layers.linear import LinearBase
+
+    if llm.engine.info.dtype == torch.bfloat16:  # the GGUF's Q4_1 matrices run as int4
+        linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, LinearBase)]
+        assert all(m.int4_weight is not None for m in linears)
     out = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"  # ended by <|im_end|>, not by the length cap

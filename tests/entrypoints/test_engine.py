@@ -136,6 +136,7 @@ def test_stop_string_and_max_tokens(llm, reference) -> None:
         ("hi", {"top_p": 0.0}, "top_p"),
         ("hi", {"top_p": 1.5}, "top_p"),
         ("hi", {"top_k": -2}, "top_k"),
+        ("hi", {"top_k": 0}, "top_k"),
         ("hi", {"n": 0}, "n must be"),
         ("hi", {"max_tokens": 0}, "max_tokens"),
         ("hi", {"logprobs": 50}, "max-logprobs"),

@@ -35,10 +35,8 @@ class InputProcessor:
             raise ValueError("a prompt must be a string or a list of token ids (integers).")
         return ProcessedPrompt(None, list(prompt))
 
-    def make_requests(
-        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
-    ) -> list[Request]:
-        """Validate and build the engine requests (n of them for n parallel samples)."""
+    def validate(self, prompt: ProcessedPrompt, params: SamplingParams) -> int:
+        """Raise a ValueError naming the fix if the request cannot run; else its max_tokens."""
         ids = prompt.prompt_token_ids
         vocab = self.info.vocab_size
         max_len = self.info.max_model_len
@@ -63,7 +61,14 @@ class InputProcessor:
                     "or raise --max-logprobs."
                 )
         room = max_len - len(ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
+    def make_requests(
+        self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams
+    ) -> list[Request]:
+        """Validate and build the engine requests (n of them for n parallel samples)."""
+        max_tokens = self.validate(prompt, params)
+        ids = prompt.prompt_token_ids
         if params.n == 1:
             return [Request(request_id, ids, params, self.info.eos_token_ids, max_tokens)]
         return [

@@ -47,7 +47,7 @@ class LLM:
         params = self._params_for(batch, sampling_params)
         processed = [self.engine.inputs.tokenize(p) for p in batch]
         for p, sp in zip(processed, params, strict=True):
-            self.engine.inputs.make_requests("check", p, sp)
+            self.engine.inputs.validate(p, sp)
         return self._run(list(zip(processed, params, strict=True)), use_tqdm)
 
     def chat(

@@ -137,6 +137,33 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:
     return _nibbles_f32(b[:, 4:]).view(-1, 32).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
+_Q4_0, _Q4_1 = 2, 3  # ggml type ids
+
+
+def q4_grid(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int]):
+    """A Q4_0 / Q4_1 matrix as its exact int4 grid, or None for other types.
+
+    Returns (q [N, K] uint8 in 0..15, scale [N, K/32], zero [N, K/32]) float32 with
+    value = (q - 8) * scale + zero: Q4_1's d * q + m is scale d, zero m + 8d; Q4_0's d * (q - 8)
+    is scale d, zero 0.
+    """
+    n, k = shape
+    if ggml_type == _Q4_0:
+        b = raw.reshape(-1, 18)
+        d = _f16(b, 0)
+        zero = torch.zeros_like(d)
+        qs = b[:, 2:]
+    elif ggml_type == _Q4_1:
+        b = raw.reshape(-1, 20)
+        d = _f16(b, 0)
+        zero = _f16(b, 2) + 8 * d
+        qs = b[:, 4:]
+    else:
+        return None
+    q = _nibbles(qs).reshape(n, k)  # low nibbles are elements 0..15 of a block, high 16..31
+    return q, d.reshape(n, k // 32), zero.reshape(n, k // 32)
+
+
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K: eight 6-bit (scale, min) pairs packed in bytes 4..16, each [N, 8, 1]."""
     s = b[:, 4:16].reshape(-1, 3, 4)
@@ -452,6 +479,22 @@ class GGUFCheckpoint:
             if self.architecture == "llama" and name.endswith(_PERMUTED):
                 tensor = self._unpermute(tensor, name)
             yield name, tensor.to(dtype)
+
+    def int4_weights(self) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """(HF name, `q4_grid` triple) of every Q4_0 / Q4_1 matrix, rows in HF order."""
+        for info in self.tensors:
+            name = self._hf_names.get(info.name)
+            if name is None or "{e}" in name or len(info.shape) != 2:
+                continue
+            raw = torch.frombuffer(
+                self._buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset
+            )
+            grid = q4_grid(raw, info.ggml_type, info.shape)
+            if grid is None:
+                continue
+            if self.architecture == "llama" and name.endswith(_PERMUTED):
+                grid = tuple(self._unpermute(t, name) for t in grid)
+            yield name, grid
 
     def _hf_name(self, info: GGUFTensorInfo) -> str:
         """The HF name of a GGUF tensor; "{e}" stands for the expert of a stacked MoE tensor."""

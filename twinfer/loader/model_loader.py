@@ -71,7 +71,9 @@ def resolve_dtype(
 ) -> torch.dtype:
     if config.torch_dtype is not None:
         return config.torch_dtype
-    ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # transformers >= 4.56 names it `dtype` (reading `torch_dtype` there warns).
+    name = "dtype" if hasattr(hf_config, "dtype") else "torch_dtype"
+    ckpt = getattr(hf_config, name, None)
     if isinstance(ckpt, str):
         ckpt = getattr(torch, ckpt, None)
     if device.type == "cuda":
@@ -173,6 +175,15 @@ def _weights(info: ModelInfo) -> Iterator[tuple[str, torch.Tensor]]:
         yield from iter_safetensors(safetensors_files(info.source.path))
 
 
+def _keeps_int4(info: ModelInfo) -> bool:
+    """GGUF Q4 weights stay int4 on the CPU when activations are bf16/fp16 (fast kernels)."""
+    return (
+        info.source.kind == "gguf"
+        and info.device.type == "cpu"
+        and info.dtype in (torch.bfloat16, torch.float16)
+    )
+
+
 def load_model(info: ModelInfo) -> nn.Module:
     """Build the model on its device in its dtype and fill it from the checkpoint."""
     from twinfer.models.registry import get_model_class
@@ -201,6 +212,11 @@ def load_model(info: ModelInfo) -> nn.Module:
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     info.weight_bytes = nbytes
     with torch.no_grad():
+        if _keeps_int4(info):
+            from twinfer.loader.gguf import GGUFCheckpoint
+            from twinfer.loader.int4 import use_gguf_int4
+
+            use_gguf_int4(model, GGUFCheckpoint(info.source.path))
         for module in model.modules():
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()

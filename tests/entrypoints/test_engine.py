@@ -149,3 +149,68 @@ def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(
         llm.generate([PROMPTS[0], prompt], SamplingParams(**params), use_tqdm=False)
     assert llm.engine.is_empty()
     assert llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == reference[0]
+
+
+def test_logprobs_are_consistent(llm) -> None:
+    params = SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3, prompt_logprobs=2
+    )
+    out = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    completion = out.outputs[0]
+    assert len(completion.logprobs) == len(completion.token_ids) == 6
+    total = 0.0
+    for token, position in zip(completion.token_ids, completion.logprobs, strict=True):
+        assert token in position and 1 <= len(position) <= 4
+        assert position[token].rank == 1  # greedy picks the most likely token
+        assert all(lp.logprob <= 0 for lp in position.values())
+        assert sorted(lp.rank for lp in position.values())[: len(position)] == list(
+            range(1, len(position) + 1)
+        )
+        total += position[token].logprob
+    assert completion.cumulative_logprob == pytest.approx(total, abs=1e-4)
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    for token, position in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True):
+        assert token in position and len(position) <= 3
+
+
+def test_cli_generate_reads_a_prompts_file(model_dir, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\n\nOnce upon a time\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "twinfer.cli",
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompts-file",
+            str(prompts),
+            "--json",
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--dtype",
+            "float32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["prompt"] for line in lines] == ["The capital of France is", "Once upon a time"]
+    assert all(len(line["outputs"][0]["token_ids"]) == 5 for line in lines)
+    missing = subprocess.run(
+        [sys.executable, "-m", "twinfer.cli", "generate", "--prompts-file", str(tmp_path / "no")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 2 and "cannot read --prompts-file" in missing.stderr

@@ -181,7 +181,12 @@ def _chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": user})
         rid = f"chat-{turn}"
         turn += 1
-        engine.add_request(rid, engine.apply_chat_template(history), params)
+        try:
+            engine.add_request(rid, engine.apply_chat_template(history), params)
+        except ValueError as exc:  # e.g. the conversation outgrew max_model_len
+            print(f"error: {exc}", file=sys.stderr)
+            history.pop()
+            continue
         printed = 0
         text = ""
         try:

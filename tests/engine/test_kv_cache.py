@@ -56,6 +56,7 @@ def test_freed_blocks_stay_cached_until_evicted() -> None:
     kv = KVCacheManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
     a = make_request("a", list(range(1, 10)))  # 2 full blocks + 1 token
     assert kv.allocate_slots(a, 9)
+    a.num_computed_tokens = 9  # the step ran
     kv.free(a)
     again = make_request("a2", list(range(1, 10)))
     hits, n = kv.get_computed_blocks(again)
@@ -84,4 +85,14 @@ def test_disabled_prefix_caching_never_hits() -> None:
     assert kv.allocate_slots(a, 12)
     kv.free(a)
     assert kv.get_computed_blocks(make_request("b", list(range(1, 13)))) == ([], 0)
+    assert_all_free(kv)
+
+
+def test_blocks_never_computed_are_not_left_in_the_cache() -> None:
+    # A step that was scheduled but never ran (exception, abort) must not leave names behind.
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = make_request("a", list(range(1, 14)))
+    assert kv.allocate_slots(a, 13)  # names 3 full blocks at scheduling time
+    kv.free(a)  # num_computed_tokens is still 0: nothing was written
+    assert kv.get_computed_blocks(make_request("b", list(range(1, 14)))) == ([], 0)
     assert_all_free(kv)

@@ -95,6 +95,8 @@ def test_n_samples_and_seeds(llm) -> None:
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     again = llm.generate([PROMPTS[1], PROMPTS[0]], params, use_tqdm=False)[1]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    llm.engine.step()  # an idle step still releases the finished requests' generators
+    assert not llm.engine.runner.generators
 
 
 def test_stop_string_and_max_tokens(llm, reference) -> None:
@@ -214,3 +216,49 @@ def test_cli_generate_reads_a_prompts_file(model_dir, tmp_path) -> None:
         timeout=300,
     )
     assert missing.returncode == 2 and "cannot read --prompts-file" in missing.stderr
+
+
+def test_an_interrupted_step_leaves_no_stale_prefix_cache(model_dir, monkeypatch) -> None:
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=1024)
+    prompt = PROMPTS[-1]  # several full blocks
+    model = llm.engine.runner.model
+    original = type(model).forward
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model), "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompt, GREEDY, use_tqdm=False)
+    assert llm.engine.is_empty()
+    monkeypatch.setattr(type(model), "forward", original)
+    out = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0
+    fresh = LLM(str(model_dir), dtype="float32", max_model_len=1024)
+    assert (
+        out.outputs[0].token_ids
+        == fresh.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    )
+
+
+def test_request_id_colliding_with_a_child_id_is_refused(llm) -> None:
+    engine = llm.engine
+    engine.add_request("0_a", PROMPTS[0], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="in use"):
+        engine.add_request("a", PROMPTS[0], SamplingParams(n=2, max_tokens=2))
+    assert list(engine.outputs.states) == ["0_a"]
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["0_a"]
+
+
+def test_stop_string_on_the_last_allowed_token_reports_stop(llm) -> None:
+    plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    text = llm.generate(PROMPTS[1], plain, use_tqdm=False)[0].outputs[0].text
+    stop = text[-6:]
+    assert text.find(stop) == len(text) - len(stop), text
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, stop=[stop])
+    out = llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    assert out.text == text[: -len(stop)]

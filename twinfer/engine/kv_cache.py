@@ -158,12 +158,20 @@ class KVCacheManager:
             self.cached.setdefault(block_hash, block)
 
     def free(self, req: Request) -> None:
-        """Release a request's blocks; full blocks stay cached until evicted."""
+        """Release a request's blocks; full, computed blocks stay cached until evicted."""
         blocks = self.req_blocks.pop(req.request_id, [])
+        # Blocks are named when scheduled; if the step that was to fill them never finished
+        # (an exception, an abort), their contents are not what the name says: forget them.
+        first_unwritten = req.num_computed_tokens // self.block_size
         # Tail blocks first, so eviction takes the end of a prefix before its start.
-        for block in reversed(blocks):
+        for i in reversed(range(len(blocks))):
+            block = blocks[i]
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
+                if i >= first_unwritten and block.block_hash is not None:
+                    if self.cached.get(block.block_hash) is block:
+                        del self.cached[block.block_hash]
+                    block.block_hash = None
                 if block.block_hash is None or self.cached.get(block.block_hash) is not block:
                     block.block_hash = None
                     # Uncached blocks are worthless: reuse them before any cached one.

@@ -68,11 +68,20 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use.")
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.inputs.tokenize(prompt)
         requests = self.inputs.make_requests(request_id, processed, params)
+        taken = [r.request_id for r in requests if self._id_in_use(r.request_id)]
+        if taken:
+            raise ValueError(
+                f"request id {request_id!r} needs engine id {taken[0]!r}, which is in use; "
+                "pick another request id."
+            )
         self.outputs.add_request(
             request_id, processed.prompt, processed.prompt_token_ids, params, requests
         )
         for req in requests:
             self.core.add_request(req)
+
+    def _id_in_use(self, engine_id: str) -> bool:
+        return engine_id in self.core.scheduler.requests or engine_id in self.outputs.parent_of
 
     def abort_request(self, request_id: str) -> None:
         self.core.abort_requests(self.outputs.abort_request(request_id))

@@ -94,9 +94,10 @@ class OutputProcessor:
                 state.prompt_logprobs.extend(self._positions(out.new_prompt_logprobs))
             finish_reason, stop_reason = out.finish_reason, out.stop_reason
             stop_str = self._append(completion, out, finish_reason)
-            if stop_str is not None and finish_reason is None:
+            if stop_str is not None:
+                if finish_reason is None:  # the engine still runs it
+                    to_abort.append(out.request_id)
                 finish_reason, stop_reason = "stop", stop_str
-                to_abort.append(out.request_id)
             if finish_reason is not None:
                 completion.output.finish_reason = finish_reason
                 completion.output.stop_reason = stop_reason
@@ -123,7 +124,10 @@ class OutputProcessor:
             out.stop_reason is None or isinstance(out.stop_reason, int)
         )
         stop_str = c.detokenizer.update(out.new_token_ids, stop_terminated)
-        output.text = c.detokenizer.output_text
+        # NOTE: while running, the tail that may begin a stop string is held back; at the end a
+        # cut multi-byte character shows as U+FFFD, as a full decode would.
+        finished = finish_reason is not None or stop_str is not None
+        output.text = c.detokenizer.get_next_output_text(finished, delta=False)
         return stop_str
 
     def _positions_of_tokens(self, entries: list[TokenLogprobs]) -> list[PositionLogprobs]:

@@ -87,11 +87,15 @@ class ModelRunner:
         return num_blocks
 
     # ---- one step ----
-    @torch.inference_mode()
-    def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
-        for rid in sched.finished_req_ids:
+    def free_requests(self, request_ids: list[str]) -> None:
+        """Drop the per-request state of requests that left the engine."""
+        for rid in request_ids:
             self.generators.pop(rid, None)
             self.prompt_logprobs_pos.pop(rid, None)
+
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
+        self.free_requests(sched.finished_req_ids)
 
         bs = self.block_size
         input_ids: list[int] = []

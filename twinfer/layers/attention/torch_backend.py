@@ -47,14 +47,15 @@ class TorchAttentionBackend(AttentionBackend):
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
         bs = common.block_size
         block_table = common.block_table
+        dev = block_table.device
         decode_rows = [s for s, q in enumerate(common.query_lens) if q == 1]
         decode_tokens = decode_slots = decode_mask = None
         max_len = 0
         if decode_rows:
-            rows = torch.tensor(decode_rows, dtype=torch.long)
-            lens = torch.tensor([common.seq_lens[s] for s in decode_rows], dtype=torch.long)
+            rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
+            lens = torch.tensor([common.seq_lens[s] for s in decode_rows], device=dev)
             max_len = int(max(common.seq_lens[s] for s in decode_rows))
-            pos = torch.arange(max_len)
+            pos = torch.arange(max_len, device=dev)
             # [Bd, Lmax] slot of each context position, via the block table.
             blocks = block_table[rows][:, pos // bs]
             valid = pos[None, :] < lens[:, None]
@@ -62,19 +63,19 @@ class TorchAttentionBackend(AttentionBackend):
             # One sequence attends to its whole context: no mask (SDPA's fastest path).
             decode_mask = valid[:, None, None, :] if len(decode_rows) > 1 else None
             decode_tokens = torch.tensor(
-                [common.query_start_loc[s] for s in decode_rows], dtype=torch.long
+                [common.query_start_loc[s] for s in decode_rows], dtype=torch.long, device=dev
             )
         prefills = []
         for s, q_len in enumerate(common.query_lens):
             if q_len == 1:
                 continue
             seq_len = common.seq_lens[s]
-            pos = torch.arange(seq_len)
+            pos = torch.arange(seq_len, device=dev)
             slots = block_table[s, pos // bs] * bs + pos % bs
             context = seq_len - q_len
             mask = None
             if context > 0:
-                q_pos = torch.arange(context, seq_len)
+                q_pos = torch.arange(context, seq_len, device=dev)
                 mask = pos[None, :] <= q_pos[:, None]
             start = common.query_start_loc[s]
             prefills.append(PrefillSeq(start, start + q_len, slots, mask))

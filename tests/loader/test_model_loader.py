@@ -103,3 +103,13 @@ def test_generation_config_eos_is_honoured(tiny_checkpoints) -> None:
         "Hello", SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[]), use_tqdm=False
     )[0].outputs[0]
     assert all(t not in eos for t in out.token_ids[:-1])
+
+
+def test_sliding_window_beyond_the_window_is_refused(checkpoint_copy) -> None:
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    config.update(sliding_window=64, use_sliding_window=True, max_window_layers=0)
+    (checkpoint_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="sliding-window attention.*--max-model-len 64"):
+        LLM(str(checkpoint_copy), max_model_len=128)
+    llm = LLM(str(checkpoint_copy), max_model_len=64, dtype="float32")
+    assert llm.generate("Hello", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].text

@@ -106,6 +106,7 @@ def model_info(config: EngineConfig) -> ModelInfo:
             f"max_model_len {max_model_len} exceeds the model's limit of {limit} positions "
             f"(max_position_embeddings); lower --max-model-len to at most {limit}."
         )
+    _check_sliding_window(hf_config, int(max_model_len))
     gen = _generation_config(config, source)
     eos = gen.pop("eos_token_id", None)
     if eos is None:
@@ -128,6 +129,19 @@ def model_info(config: EngineConfig) -> ModelInfo:
         vocab_size=int(hf_config.vocab_size),
         generation_defaults=defaults,
     )
+
+
+def _check_sliding_window(hf_config: Any, max_model_len: int) -> None:
+    """Sliding-window attention is not implemented; up to the window it equals full attention."""
+    from twinfer.models.llama import sliding_window_of
+
+    window = sliding_window_of(hf_config)
+    if window is not None and max_model_len > window:
+        raise ValueError(
+            f"this model uses sliding-window attention (window {window} tokens), which twinfer "
+            f"does not implement yet, and max_model_len is {max_model_len}; pass "
+            f"--max-model-len {window} (or less), where it equals full attention."
+        )
 
 
 def _generation_config(config: EngineConfig, source: ModelSource) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -37,13 +38,19 @@ class ModelInfo:
     weight_bytes: int = 0  # filled by load_model
 
 
+@functools.lru_cache(maxsize=2)
+def open_gguf(path: Path) -> Any:
+    """One parsed GGUF per file for config, tokenizer, weights and int4 grids alike."""
+    from twinfer.loader.gguf import GGUFCheckpoint
+
+    return GGUFCheckpoint(path)
+
+
 def load_hf_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
     if source.kind == "gguf":
-        from twinfer.loader.gguf import GGUFCheckpoint
-
-        values = dict(GGUFCheckpoint(source.path).hf_config())
+        values = dict(open_gguf(source.path).hf_config())
         model_type = values.pop("model_type")
         return AutoConfig.for_model(model_type, **values)
     config_file = source.path / "config.json"
@@ -148,9 +155,7 @@ def _generation_config(config: EngineConfig, source: ModelSource) -> dict[str, A
     if config.generation_config == "vllm":
         return {}
     if source.kind == "gguf" and config.generation_config == "auto":
-        from twinfer.loader.gguf import GGUFCheckpoint
-
-        return dict(GGUFCheckpoint(source.path).generation_config())
+        return dict(open_gguf(source.path).generation_config())
     folder = source.path if config.generation_config == "auto" else Path(config.generation_config)
     path = folder / "generation_config.json"
     if not path.is_file():
@@ -168,9 +173,7 @@ def load_tokenizer(config: EngineConfig, source: ModelSource) -> Any:
 
     tok_source = resolve_model(config.tokenizer) if config.tokenizer is not None else source
     if tok_source.kind == "gguf":
-        from twinfer.loader.gguf import GGUFCheckpoint
-
-        return GGUFCheckpoint(tok_source.path).tokenizer()
+        return open_gguf(tok_source.path).tokenizer()
     try:
         return AutoTokenizer.from_pretrained(tok_source.path, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
@@ -182,9 +185,7 @@ def load_tokenizer(config: EngineConfig, source: ModelSource) -> Any:
 
 def _weights(info: ModelInfo) -> Iterator[tuple[str, torch.Tensor]]:
     if info.source.kind == "gguf":
-        from twinfer.loader.gguf import GGUFCheckpoint
-
-        yield from GGUFCheckpoint(info.source.path).weights(info.dtype)
+        yield from open_gguf(info.source.path).weights(info.dtype)
     else:
         yield from iter_safetensors(safetensors_files(info.source.path))
 
@@ -227,10 +228,9 @@ def load_model(info: ModelInfo) -> nn.Module:
     info.weight_bytes = nbytes
     with torch.no_grad():
         if _keeps_int4(info):
-            from twinfer.loader.gguf import GGUFCheckpoint
             from twinfer.loader.int4 import use_gguf_int4
 
-            use_gguf_int4(model, GGUFCheckpoint(info.source.path))
+            use_gguf_int4(model, open_gguf(info.source.path))
         for module in model.modules():
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()

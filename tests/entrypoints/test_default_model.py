@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from tests.cli_runner import run_twinfer
 from twinfer import LLM, SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -74,44 +72,19 @@ def test_chat_template_matches_transformers(llm, smollm2_tokenizer) -> None:
 
 
 def test_cli_generate_chat_prints_paris() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "twinfer.cli",
-            "generate",
-            "--chat",
-            "--temperature",
-            "0",
-            "What is the capital of France?",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_twinfer("generate", "--chat", "--temperature", "0", "What is the capital of France?")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
 
 
 def test_cli_chat_streams_from_stdin() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "twinfer.cli", "chat", "--temperature", "0"],
-        input="What is the capital of France?\n",
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_twinfer("chat", "--temperature", "0", stdin="What is the capital of France?\n")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
 
 
 def test_cli_bad_flag_value_is_a_clear_error() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "twinfer.cli", "generate", "--top-p", "2", "hi"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_twinfer("generate", "--top-p", "2", "hi")
     assert proc.returncode == 2
     assert "top_p must be in (0, 1]" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from tests.cli_runner import run_twinfer
 from twinfer import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -178,43 +179,28 @@ def test_logprobs_are_consistent(llm) -> None:
 
 def test_cli_generate_reads_a_prompts_file(model_dir, tmp_path) -> None:
     import json
-    import subprocess
-    import sys
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The capital of France is\n\nOnce upon a time\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "twinfer.cli",
-            "generate",
-            "--model",
-            str(model_dir),
-            "--prompts-file",
-            str(prompts),
-            "--json",
-            "--max-tokens",
-            "5",
-            "--temperature",
-            "0",
-            "--dtype",
-            "float32",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_twinfer(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompts-file",
+        str(prompts),
+        "--json",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--dtype",
+        "float32",
     )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["prompt"] for line in lines] == ["The capital of France is", "Once upon a time"]
     assert all(len(line["outputs"][0]["token_ids"]) == 5 for line in lines)
-    missing = subprocess.run(
-        [sys.executable, "-m", "twinfer.cli", "generate", "--prompts-file", str(tmp_path / "no")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    missing = run_twinfer("generate", "--prompts-file", str(tmp_path / "no"))
     assert missing.returncode == 2 and "cannot read --prompts-file" in missing.stderr
 
 

@@ -1,4 +1,4 @@
-"""The `twinfer` command: generate | chat | random-model | bench."""
+"""The `twinfer` command: serve | generate | chat | random-model | bench."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ from typing import Any
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
     try:
+        args = _parse_args(parser, sys.argv[1:] if argv is None else argv)
+        logging.basicConfig(
+            level=logging.INFO
+            if getattr(args, "verbose", False) or args.command == "serve"
+            else logging.WARNING,
+            format="%(levelname)s %(asctime)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
         return args.func(args)
     except ValueError as exc:
         # User-caused problems carry their own fix; no traceback for them.
@@ -28,6 +31,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse; with `--config FILE.yaml`, the file's values become defaults the flags override."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        from twinfer.config import config_file_defaults
+
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        sub.set_defaults(**config_file_defaults(args.config, sub))
+        args = parser.parse_args(argv)
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     from twinfer.config import EngineConfig
 
@@ -35,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="twinfer", description="LLM inference for MoE models on a GPU plus a big CPU."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from twinfer.server import launch
+
+    serve = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (vLLM flags; `--config config.yaml`)."
+    )
+    launch.add_cli_args(serve)
+    serve.set_defaults(func=launch.main)
 
     gen = sub.add_parser("generate", help="Generate completions for prompts (offline, batched).")
     gen.add_argument("prompts", nargs="*", help="Prompts (default: read --prompts-file).")
@@ -66,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     dec = bench_sub.add_parser("decode", help="CPU decode tokens/s vs transformers generate.")
     cpu_decode.add_cli_args(dec)
     dec.set_defaults(func=cpu_decode.main)
+    from twinfer.bench import latency, serve, throughput
+
+    for name, module, about in (
+        ("serve", serve, "Latency and throughput of an OpenAI-compatible server under load."),
+        ("latency", latency, "Offline engine: latency of one batch."),
+        ("throughput", throughput, "Offline engine: tokens/s over many prompts."),
+    ):
+        bench_parser = bench_sub.add_parser(name, help=about)
+        module.add_cli_args(bench_parser)
+        bench_parser.set_defaults(func=module.main)
     return parser
 
 

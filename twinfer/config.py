@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,56 @@ _DTYPES: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
 }
 _DEVICES = ("auto", "cpu", "cuda")
+_CUDAGRAPH_MODES = ("none", "full_decode_only")
+
+
+@dataclass(slots=True)
+class CompilationConfig:
+    """Nested settings, vLLM-style (`--compilation-config '{...}'`, YAML dotted keys)."""
+
+    cudagraph_mode: str = field(
+        default="full_decode_only",
+        metadata={
+            "help": "none | full_decode_only: capture decode steps as CUDA graphs on the GPU "
+            "(the CUDA path; the CPU runs eagerly)."
+        },
+    )
+    max_cudagraph_capture_size: int | None = field(
+        default=None, metadata={"help": "Largest decode batch captured (default max_num_seqs)."}
+    )
+
+    def __post_init__(self) -> None:
+        self.cudagraph_mode = str(self.cudagraph_mode).lower()
+        if self.cudagraph_mode not in _CUDAGRAPH_MODES:
+            raise ValueError(
+                f"compilation_config.cudagraph_mode {self.cudagraph_mode!r} is unknown; choose "
+                f"one of {', '.join(_CUDAGRAPH_MODES)}."
+            )
+        size = self.max_cudagraph_capture_size
+        if size is not None and size < 1:
+            raise ValueError(
+                f"compilation_config.max_cudagraph_capture_size must be at least 1, got {size}."
+            )
+
+    @classmethod
+    def from_value(cls, value: Any) -> CompilationConfig:
+        """From a dict (YAML) or a JSON string (the CLI); unknown keys are named in the error."""
+        if isinstance(value, CompilationConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--compilation-config is not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise ValueError(f"compilation_config must be a mapping, got {value!r}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown key compilation_config.{unknown[0]}; known: {', '.join(sorted(known))}."
+            )
+        return cls(**value)
 
 
 @dataclass(slots=True)
@@ -78,11 +129,16 @@ class EngineConfig:
         default=20, metadata={"help": "Most logprobs a request may ask for per token."}
     )
     tensor_parallel_size: int = field(default=1, metadata={"help": "Tensor parallel size (1)."})
+    compilation_config: CompilationConfig = field(
+        default_factory=CompilationConfig,
+        metadata={"help": 'JSON, e.g. \'{"cudagraph_mode": "none"}\' (YAML: dotted keys).'},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Not supported: twinfer never runs code from a model."}
     )
 
     def __post_init__(self) -> None:
+        self.compilation_config = CompilationConfig.from_value(self.compilation_config)
         if self.trust_remote_code:
             raise ValueError(
                 "twinfer never runs code shipped with a model, so --trust-remote-code is not "
@@ -130,27 +186,14 @@ class EngineConfig:
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
         """One `--flag-name` per field, vLLM spelling; booleans get `--no-...` forms."""
-        group = parser.add_argument_group("engine")
-        for f in dataclasses.fields(cls):
-            if f.name in skip:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            kwargs: dict[str, Any] = {
-                "dest": f.name,
-                "default": f.default,
-                "help": f.metadata.get("help"),
-            }
-            if f.type == "bool":
-                kwargs["action"] = argparse.BooleanOptionalAction
-            elif f.type in ("int", "int | None"):
-                kwargs["type"] = int
-            else:
-                kwargs["type"] = str
-            if f.name == "dtype":
-                kwargs["choices"] = list(_DTYPES)
-            elif f.name == "device":
-                kwargs["choices"] = list(_DEVICES)
-            group.add_argument(flag, **kwargs)
+        add_dataclass_args(
+            parser,
+            cls,
+            "engine",
+            skip,
+            choices={"dtype": list(_DTYPES), "device": list(_DEVICES)},
+            types={"compilation_config": CompilationConfig.from_value},
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
@@ -167,3 +210,93 @@ class EngineConfig:
                 f"known: {', '.join(sorted(names))}."
             )
         return cls(**kwargs)
+
+
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    skip: tuple[str, ...] = (),
+    choices: dict[str, list[str]] | None = None,
+    types: dict[str, Any] | None = None,
+) -> None:
+    """A `--flag-name` per dataclass field, typed from its annotation, help from its metadata."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": default,
+            "help": f.metadata.get("help"),
+        }
+        if f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = (types or {}).get(f.name) or _ARG_TYPES.get(f.type, str)
+        if f.name in (choices or {}):
+            kwargs["choices"] = choices[f.name]
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+_ARG_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float}
+
+
+def config_file_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """`--config FILE.yaml` as parser defaults: keys are flag names (dashes or underscores),
+    nested settings as mappings or dotted keys (`compilation_config.cudagraph_mode: none`).
+
+    Unknown keys are errors that name them; flags given on the command line still win, since
+    these only replace the defaults.
+    """
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read --config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of flag names to values.")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        head, _, rest = key.partition(".")
+        if head not in actions:
+            raise ValueError(f"unknown key {raw_key!r} in --config {path}; use the flag names.")
+        if rest:  # dotted: one setting of a nested config
+            values.setdefault(head, {})[rest] = value
+            continue
+        action = actions[head]
+        if isinstance(value, str) and action.type is not None and action.type is not str:
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"--config {path}: {raw_key}: {exc}") from exc
+        if (
+            action.type in (int, float)
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int | float))
+        ):
+            raise ValueError(f"--config {path}: {raw_key} must be a number, got {value!r}.")
+        if isinstance(action, argparse.BooleanOptionalAction) and not isinstance(value, bool):
+            raise ValueError(f"--config {path}: {raw_key} must be true or false, got {value!r}.")
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(
+                f"--config {path}: {raw_key} must be one of {', '.join(map(str, action.choices))}."
+            )
+        if isinstance(value, dict) and head in values:
+            values[head].update(value)
+        else:
+            values[head] = value
+    for head, value in values.items():
+        convert = actions[head].type
+        if isinstance(value, dict) and convert is not None:
+            values[head] = convert(value)  # e.g. CompilationConfig.from_value names bad sub-keys
+    return values

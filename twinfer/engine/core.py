@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from twinfer.config import EngineConfig
+from twinfer.engine.kv_cache import KVCacheManager
 from twinfer.engine.request import Request, RequestStatus
 from twinfer.engine.scheduler import EngineCoreOutput, Scheduler
+from twinfer.loader.model_loader import ModelInfo
 from twinfer.runner.model_runner import ModelRunner
 
 
@@ -16,6 +19,20 @@ class EngineCore:
         self.scheduler = scheduler
         self.runner = runner
 
+    @classmethod
+    def from_config(cls, config: EngineConfig, info: ModelInfo) -> EngineCore:
+        """Load the model, size the KV cache and build the scheduler over it."""
+        runner = ModelRunner(config, info)
+        num_blocks = runner.initialize_kv_cache()
+        kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        scheduler = Scheduler(
+            kv_cache,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=info.max_model_len,
+        )
+        return cls(scheduler, runner)
+
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
 
@@ -24,6 +41,10 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def has_work(self) -> bool:
+        """Requests to run, or finished ones whose runner state a step must still drop."""
+        return self.scheduler.has_unfinished_requests() or self.scheduler.has_finished_pending()
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()

@@ -10,12 +10,9 @@ import torch
 from twinfer.config import EngineConfig
 from twinfer.engine.core import EngineCore
 from twinfer.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
-from twinfer.engine.kv_cache import KVCacheManager
 from twinfer.engine.output_processor import OutputProcessor
-from twinfer.engine.scheduler import Scheduler
 from twinfer.loader.model_loader import load_tokenizer, model_info
 from twinfer.outputs import RequestOutput
-from twinfer.runner.model_runner import ModelRunner
 from twinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -29,16 +26,8 @@ class LLMEngine:
         self.config = config
         self.info = model_info(config)
         self.tokenizer = load_tokenizer(config, self.info.source)
-        self.runner = ModelRunner(config, self.info)
-        num_blocks = self.runner.initialize_kv_cache()
-        kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        scheduler = Scheduler(
-            kv_cache,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.info.max_model_len,
-        )
-        self.core = EngineCore(scheduler, self.runner)
+        self.core = EngineCore.from_config(config, self.info)
+        self.runner = self.core.runner
         self.inputs = InputProcessor(self.tokenizer, self.info, config.max_logprobs)
         self.outputs = OutputProcessor(self.tokenizer)
         logger.info(

@@ -104,6 +104,10 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def has_finished_pending(self) -> bool:
+        """Requests finished since the last step (the next step tells the runner to drop them)."""
+        return bool(self._finished_since_step)
+
     @property
     def num_running(self) -> int:
         return len(self.running)

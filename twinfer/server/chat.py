@@ -1,0 +1,196 @@
+"""POST /v1/chat/completions: messages through the model's chat template, as JSON or SSE."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from twinfer.engine.client import EngineDeadError, RequestGroup
+from twinfer.outputs import PositionLogprobs
+from twinfer.server.app import ServerContext, sampling_params_or_400
+from twinfer.server.errors import bad_request, error_response, sse_error, unavailable
+from twinfer.server.protocol import ChatCompletionRequest, ChatMessage
+from twinfer.server.streaming import DONE, ChoiceTracker, sse, usage
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
+    ctx: ServerContext = raw.app.state.ctx
+    ctx.check_model(req.model)
+    _check_supported(req)
+    ctx.check_serving()
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params_or_400(
+        lambda: req.sampling_params(ctx.engine.info.generation_defaults, max_tokens, logprobs=top)
+    )
+    prompt = await ctx.chat_prompt(chat_messages(req.messages), req.add_generation_prompt)
+    ctx.check_length(prompt, max_tokens)
+    group = ctx.admit([prompt], params, "chatcmpl")
+    view = _ChatView(ctx, req, group, len(prompt.prompt_token_ids))
+    if req.stream:
+        return StreamingResponse(view.stream(), media_type="text/event-stream")
+    try:
+        body = await ctx.until_disconnect(raw, view.collect())
+    except EngineDeadError as exc:
+        return error_response(unavailable(str(exc), "engine_dead"))
+    finally:
+        ctx.release(group)
+    return JSONResponse(body)
+
+
+def _check_supported(req: ChatCompletionRequest) -> None:
+    name = req.unsupported()
+    if name is not None:
+        raise bad_request(
+            f"{name} is not supported by twinfer yet; remove it", name, "unsupported_parameter"
+        )
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them: text only, `developer` read as `system`."""
+    out = []
+    for i, m in enumerate(messages):
+        if m.role == "tool" or m.tool_calls or m.tool_call_id:
+            raise bad_request(
+                "tool messages and tool calls are not supported by twinfer yet",
+                f"messages.{i}",
+                "unsupported_parameter",
+            )
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(
+                        f"messages.{i}: only text content parts are supported "
+                        f"(got type {part.get('type')!r})",
+                        f"messages.{i}.content",
+                        "unsupported_parameter",
+                    )
+                texts.append(part["text"])
+            content = "".join(texts)
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": content or ""})
+    return out
+
+
+class _ChatView:
+    def __init__(
+        self, ctx: ServerContext, req: ChatCompletionRequest, group: RequestGroup, n_prompt: int
+    ) -> None:
+        self.ctx = ctx
+        self.req = req
+        self.group = group
+        self.prompt_tokens = n_prompt
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = ctx.engine.model_name
+
+    async def collect(self) -> dict[str, Any]:
+        final = None
+        async for out in self.group:
+            final = out
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self._logprobs_json(c.token_ids, c.logprobs),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in final.outputs
+        ]
+        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage(self.prompt_tokens, completion_tokens),
+        }
+
+    async def stream(self) -> AsyncIterator[str]:
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        tracker = ChoiceTracker()
+        completion_tokens = 0
+        try:
+            for i in range(self.req.n):
+                role = {"index": i, "delta": {"role": "assistant", "content": ""}}
+                yield sse(self._chunk([role | _NO_FINISH], include_usage))
+            async for out in self.group:
+                for c in out.outputs:
+                    delta = tracker.delta(c.index, c.text, c.token_ids, c.finish_reason)
+                    if delta is None:
+                        continue
+                    _, text, new_ids = delta
+                    completion_tokens += len(new_ids)
+                    new_lps = (c.logprobs or [])[len(c.token_ids) - len(new_ids) :]
+                    choice = {
+                        "index": c.index,
+                        "delta": {"content": text} if text else {},
+                        "logprobs": self._logprobs_json(new_ids, new_lps),
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                    yield sse(self._chunk([choice], include_usage))
+            if include_usage:
+                chunk = self._chunk([], False)
+                chunk["usage"] = usage(self.prompt_tokens, completion_tokens)
+                yield sse(chunk)
+        except EngineDeadError as exc:
+            yield sse_error(unavailable(str(exc), "engine_dead"))
+        finally:
+            self.ctx.release(self.group)
+        yield DONE
+
+    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _logprobs_json(
+        self, token_ids: list[int], positions: list[PositionLogprobs] | None
+    ) -> dict[str, Any] | None:
+        if not self.req.logprobs or positions is None:
+            return None
+        k = self.req.top_logprobs or 0
+        content = []
+        for token_id, position in zip(token_ids, positions, strict=True):
+            chosen = position[token_id]
+            ranked = sorted(
+                (lp for lp in position.values() if lp.rank is not None and lp.rank <= k),
+                key=lambda lp: lp.rank,
+            )[:k]
+            content.append(
+                _token_logprob(chosen.decoded_token, chosen.logprob)
+                | {"top_logprobs": [_token_logprob(lp.decoded_token, lp.logprob) for lp in ranked]}
+            )
+        return {"content": content}
+
+
+_NO_FINISH = {"logprobs": None, "finish_reason": None}
+
+
+def _token_logprob(token: str | None, logprob: float) -> dict[str, Any]:
+    token = token or ""
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}

@@ -136,6 +136,8 @@ def test_stop_string_and_max_tokens(llm, reference) -> None:
         ([1, 2, 10**7], {}, "outside the vocabulary"),
         ("word " * 1100, {}, "max_model_len is 1024"),
         ("hi", {"temperature": -1.0}, "temperature"),
+        ("hi", {"temperature": float("nan")}, "temperature must be a finite"),
+        ("hi", {"presence_penalty": float("inf")}, "presence_penalty must be a finite"),
         ("hi", {"top_p": 0.0}, "top_p"),
         ("hi", {"top_p": 1.5}, "top_p"),
         ("hi", {"top_k": -2}, "top_k"),

@@ -194,7 +194,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
     app.include_router(completions.router)
     app.include_router(chat.router)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         state = "draining" if ctx.draining else ctx.engine.state.value
         if state == "ready":

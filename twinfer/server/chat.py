@@ -72,12 +72,17 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
         if isinstance(content, list):
             texts = []
             for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                if part.get("type") != "text":
                     raise bad_request(
-                        f"messages.{i}: only text content parts are supported "
-                        f"(got type {part.get('type')!r})",
+                        f"messages.{i}: content parts of type {part.get('type')!r} are not "
+                        "supported by twinfer yet; send text parts only",
                         f"messages.{i}.content",
                         "unsupported_parameter",
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise bad_request(
+                        f'messages.{i}: a text part must be {{"type": "text", "text": "..."}}',
+                        f"messages.{i}.content",
                     )
                 texts.append(part["text"])
             content = "".join(texts)

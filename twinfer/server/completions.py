@@ -104,7 +104,9 @@ class _CompletionView:
 
     def _prompt_text(self, i: int) -> str:
         p = self.prompts[i]
-        return p.prompt if p.prompt is not None else self.decode(p.prompt_token_ids)
+        if p.prompt is not None:
+            return p.prompt
+        return self.decode(p.prompt_token_ids, skip_special_tokens=self.req.skip_special_tokens)
 
     def _generated(self, c: CompletionOutput) -> tuple[str, list[int], list | None]:
         if self.score_only:

@@ -16,18 +16,22 @@ from twinfer.sampling_params import SamplingParams
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # parallel samples per prompt: more would only queue behind each other
 
+# NOTE: strict: JSON types are checked, not coerced ("yes" is not a bool, "2" not an int), so a
+# client's type bug is a 400 rather than a surprise; ints are still accepted where floats are.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
 TokenIds = list[Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class _SamplingRequest(BaseModel):
     """Fields common to completions and chat completions."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = _STRICT
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -110,13 +114,13 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = _STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -157,7 +161,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = _STRICT
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -166,6 +170,6 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = _STRICT
     model: str | None = None
     tokens: TokenIds

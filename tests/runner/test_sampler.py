@@ -457,3 +457,15 @@ def test_top_p_past_the_window_widens_then_sorts() -> None:
     assert _WINDOW < kept[0] < 8 * (_WINDOW + 1) < kept[1]
     for row, p in enumerate(params):
         assert torch.equal(got[row], ref_keep_mask(logits[row], p)), f"row {row}: {p}"
+
+
+def test_a_vanishing_top_p_keeps_the_top_token() -> None:
+    """top_p = 5e-324 (found by fuzzing the server) rounds to 0 in float32: still the top token."""
+    torch.manual_seed(15)
+    logits = torch.randn(2, 1025)
+    params = [SamplingParams(top_p=5e-324), SamplingParams(top_p=1e-40, top_k=5)]
+    got = sampler_keep_mask(logits, params)
+    assert got.sum(-1).tolist() == [1, 1]
+    assert got.float().argmax(-1).tolist() == logits.argmax(-1).tolist()
+    tokens = sample(logits, build(params, 1025))
+    assert tokens.tolist() == logits.argmax(-1).tolist()

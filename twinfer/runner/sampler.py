@@ -356,7 +356,8 @@ def _top_p_cut(
     cut fell inside the row (then nothing past it is kept)."""
     mass_before = w.cumsum(-1, dtype=torch.float64) - w  # [T, W] float64
     keep = (mass_before < target.unsqueeze(1)) & (w > 0)  # a prefix; the top token always stays
-    num_kept = keep.sum(-1)  # [T] >= 1
+    # NOTE: a top_p below float32's range (5e-324) makes the target 0: the top token still stays.
+    num_kept = keep.sum(-1).clamp_(min=1)  # [T]
     cut = values.gather(1, (num_kept - 1).unsqueeze(1)).squeeze(1)
     return cut, num_kept < values.shape[1]
 

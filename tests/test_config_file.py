@@ -16,8 +16,8 @@ def _parse(tmp_path, yaml_text: str, *argv: str):
 def test_file_values_become_defaults_and_flags_win(tmp_path):
     args = _parse(
         tmp_path,
-        "max-model-len: 128\nmax_num_seqs: 3\nserved-model-name: cfg\nenable_prefix_caching: false\n"
-        "port: 9001\nshutdown_timeout: 5\n",
+        "max-model-len: 128\nmax_num_seqs: 3\nserved-model-name: cfg\n"
+        "enable_prefix_caching: false\nport: 9001\nshutdown_timeout: 5\n",
         "--max-model-len",
         "200",
     )

@@ -28,7 +28,7 @@ class EngineCore:
         scheduler = Scheduler(
             kv_cache,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_batched_tokens=config.resolved_max_num_batched_tokens(info.device),
             max_model_len=info.max_model_len,
         )
         return cls(scheduler, runner)

@@ -171,6 +171,12 @@ def tiny_server(tmp_path_factory, tiny_checkpoints) -> Server:
 
 
 @pytest.fixture
+def tiny(tiny_checkpoints) -> Path:
+    """The tiny random Llama's checkpoint directory (fast to start; for `start_server`)."""
+    return tiny_checkpoints("llama-tiny")
+
+
+@pytest.fixture
 def start_server(tmp_path):
     """start_server(*flags, model=None, env=None) -> Server, stopped (SIGKILL) after the test."""
     started: list[Server] = []

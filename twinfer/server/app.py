@@ -14,16 +14,23 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from twinfer import __version__
 from twinfer.engine.client import AsyncEngine, EngineDeadError, EngineState, RequestGroup
 from twinfer.engine.input_processor import ProcessedPrompt, PromptType
 from twinfer.sampling_params import SamplingParams
 from twinfer.server.auth import AuthMiddleware, BodyLimitMiddleware
-from twinfer.server.errors import APIError, bad_request, install_error_handlers, unavailable
+from twinfer.server.errors import (
+    APIError,
+    bad_request,
+    error_response,
+    install_error_handlers,
+    unavailable,
+)
 from twinfer.server.metrics import Metrics
 from twinfer.server.protocol import DetokenizeRequest, TokenizeRequest
+from twinfer.server.streaming import sse_events
 
 T = TypeVar("T")
 
@@ -144,6 +151,19 @@ class ServerContext:
         if group.close():
             self.num_seqs_in_flight -= group.num_seqs
 
+    async def respond(self, raw: Request, group: RequestGroup, view: Any, stream: bool) -> Response:
+        """The view's JSON, or its chunks as SSE; the group is released however it ends."""
+        if stream:
+            chunks = sse_events(view.chunks(), lambda: self.release(group))
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        try:
+            body = await self.until_disconnect(raw, view.collect())
+        except EngineDeadError as exc:
+            return error_response(unavailable(str(exc), "engine_dead"))
+        finally:
+            self.release(group)
+        return JSONResponse(body)
+
     async def until_disconnect(self, raw: Request, work: Awaitable[T]) -> T | None:
         """Run `work`, cancelled (None) if the client goes away first: its requests get aborted."""
         task = asyncio.ensure_future(work)
@@ -162,6 +182,17 @@ class ServerContext:
 async def _wait_disconnect(raw: Request) -> None:
     while (await raw.receive())["type"] != "http.disconnect":
         pass
+
+
+def check_common(req: Any) -> None:
+    """Checks both completion endpoints make: unimplemented parameters, stream_options."""
+    name = req.unsupported()
+    if name is not None:
+        raise bad_request(
+            f"{name} is not supported by twinfer yet; remove it", name, "unsupported_parameter"
+        )
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
 
 
 def sampling_params_or_400(build: Any) -> SamplingParams:

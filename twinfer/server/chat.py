@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
-from twinfer.engine.client import EngineDeadError, RequestGroup
+from twinfer.engine.client import RequestGroup
 from twinfer.outputs import PositionLogprobs
-from twinfer.server.app import ServerContext, sampling_params_or_400
-from twinfer.server.errors import bad_request, error_response, sse_error, unavailable
+from twinfer.server.app import ServerContext, check_common, sampling_params_or_400
+from twinfer.server.errors import bad_request
 from twinfer.server.protocol import ChatCompletionRequest, ChatMessage
-from twinfer.server.streaming import DONE, ChoiceTracker, sse, usage
+from twinfer.server.streaming import ChoiceTracker, ResponseHead, usage
 
 router = APIRouter()
 
@@ -35,25 +34,11 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
     ctx.check_length(prompt, max_tokens)
     group = ctx.admit([prompt], params, "chatcmpl")
     view = _ChatView(ctx, req, group, len(prompt.prompt_token_ids))
-    if req.stream:
-        return StreamingResponse(view.stream(), media_type="text/event-stream")
-    try:
-        body = await ctx.until_disconnect(raw, view.collect())
-    except EngineDeadError as exc:
-        return error_response(unavailable(str(exc), "engine_dead"))
-    finally:
-        ctx.release(group)
-    return JSONResponse(body)
+    return await ctx.respond(raw, group, view, req.stream)
 
 
 def _check_supported(req: ChatCompletionRequest) -> None:
-    name = req.unsupported()
-    if name is not None:
-        raise bad_request(
-            f"{name} is not supported by twinfer yet; remove it", name, "unsupported_parameter"
-        )
-    if req.stream_options is not None and not req.stream:
-        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+    check_common(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
 
@@ -99,9 +84,9 @@ class _ChatView:
         self.req = req
         self.group = group
         self.prompt_tokens = n_prompt
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = ctx.engine.model_name
+        rid, now, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.engine.model_name
+        self.head = ResponseHead(rid, "chat.completion", now, model)
+        self.chunk_head = ResponseHead(rid, "chat.completion.chunk", now, model)
 
     async def collect(self) -> dict[str, Any]:
         final = None
@@ -118,60 +103,35 @@ class _ChatView:
             for c in final.outputs
         ]
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": usage(self.prompt_tokens, completion_tokens),
-        }
+        return self.head.body(choices, usage=usage(self.prompt_tokens, completion_tokens))
 
-    async def stream(self) -> AsyncIterator[str]:
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+        head = self.chunk_head
         tracker = ChoiceTracker()
         completion_tokens = 0
-        try:
-            for i in range(self.req.n):
-                role = {"index": i, "delta": {"role": "assistant", "content": ""}}
-                yield sse(self._chunk([role | _NO_FINISH], include_usage))
-            async for out in self.group:
-                for c in out.outputs:
-                    delta = tracker.delta(c.index, c.text, c.token_ids, c.finish_reason)
-                    if delta is None:
-                        continue
-                    _, text, new_ids = delta
-                    completion_tokens += len(new_ids)
-                    new_lps = (c.logprobs or [])[len(c.token_ids) - len(new_ids) :]
-                    choice = {
-                        "index": c.index,
-                        "delta": {"content": text} if text else {},
-                        "logprobs": self._logprobs_json(new_ids, new_lps),
-                        "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
-                    }
-                    yield sse(self._chunk([choice], include_usage))
-            if include_usage:
-                chunk = self._chunk([], False)
-                chunk["usage"] = usage(self.prompt_tokens, completion_tokens)
-                yield sse(chunk)
-        except EngineDeadError as exc:
-            yield sse_error(unavailable(str(exc), "engine_dead"))
-        finally:
-            self.ctx.release(self.group)
-        yield DONE
-
-    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
-        chunk = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
+        for i in range(self.req.n):
+            role = {"index": i, "delta": {"role": "assistant", "content": ""}}
+            yield head.body([role | _NO_FINISH], **extra)
+        async for out in self.group:
+            for c in out.outputs:
+                delta = tracker.delta(c.index, c.text, c.token_ids, c.finish_reason)
+                if delta is None:
+                    continue
+                _, text, new_ids = delta
+                completion_tokens += len(new_ids)
+                new_lps = (c.logprobs or [])[len(c.token_ids) - len(new_ids) :]
+                choice = {
+                    "index": c.index,
+                    "delta": {"content": text} if text else {},
+                    "logprobs": self._logprobs_json(new_ids, new_lps),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                yield head.body([choice], **extra)
         if include_usage:
-            chunk["usage"] = None
-        return chunk
+            yield head.body([], usage=usage(self.prompt_tokens, completion_tokens))
 
     def _logprobs_json(
         self, token_ids: list[int], positions: list[PositionLogprobs] | None

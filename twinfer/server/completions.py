@@ -13,15 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
-from twinfer.engine.client import EngineDeadError, RequestGroup
+from twinfer.engine.client import RequestGroup
 from twinfer.engine.input_processor import ProcessedPrompt
 from twinfer.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from twinfer.server.app import ServerContext, sampling_params_or_400
-from twinfer.server.errors import bad_request, error_response, sse_error, unavailable
+from twinfer.server.app import ServerContext, check_common, sampling_params_or_400
+from twinfer.server.errors import bad_request
 from twinfer.server.protocol import CompletionRequest
-from twinfer.server.streaming import DONE, ChoiceTracker, sse, usage
+from twinfer.server.streaming import ChoiceTracker, ResponseHead, usage
 
 router = APIRouter()
 
@@ -53,27 +52,13 @@ async def create_completion(req: CompletionRequest, raw: Request):
         ctx.check_length(p, max_tokens)
     group = ctx.admit(processed, params, "cmpl")
     view = _CompletionView(ctx, req, group, processed, score_only)
-    if req.stream:
-        return StreamingResponse(view.stream(), media_type="text/event-stream")
-    try:
-        body = await ctx.until_disconnect(raw, view.collect())
-    except EngineDeadError as exc:
-        return error_response(unavailable(str(exc), "engine_dead"))
-    finally:
-        ctx.release(group)
-    return JSONResponse(body)
+    return await ctx.respond(raw, group, view, req.stream)
 
 
 def _check_supported(req: CompletionRequest) -> None:
-    name = req.unsupported()
-    if name is not None:
-        raise bad_request(
-            f"{name} is not supported by twinfer yet; remove it", name, "unsupported_parameter"
-        )
+    check_common(req)
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of other than n is not supported; remove best_of", "best_of")
-    if req.stream_options is not None and not req.stream:
-        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
     if req.max_tokens == 0 and not req.echo:
         raise bad_request("max_tokens must be at least 1 (0 only with echo: true)", "max_tokens")
 
@@ -94,9 +79,9 @@ class _CompletionView:
         self.group = group
         self.prompts = prompts
         self.score_only = score_only
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = ctx.engine.model_name
+        self.head = ResponseHead(
+            f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time()), ctx.engine.model_name
+        )
         self.decode = ctx.engine.tokenizer.decode
 
     def _prompt_index(self, out: RequestOutput) -> int:
@@ -139,68 +124,40 @@ class _CompletionView:
                     }
                 )
         prompt_tokens = sum(len(p.prompt_token_ids) for p in self.prompts)
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens),
-        }
+        return self.head.body(choices, usage=usage(prompt_tokens, completion_tokens))
 
-    async def stream(self) -> AsyncIterator[str]:
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
         tracker = ChoiceTracker()
         completion_tokens = 0
-        try:
-            async for out in self.group:
-                i = self._prompt_index(out)
-                for c in out.outputs:
-                    index = i * self.req.n + c.index
-                    text, token_ids, logprobs = self._generated(c)
-                    delta = tracker.delta(index, text, token_ids, c.finish_reason)
-                    if delta is None:
-                        continue
-                    first, delta_text, new_ids = delta
-                    completion_tokens += len(new_ids)
-                    lp = None
-                    if self.req.logprobs is not None:
-                        new_lps = (logprobs or [])[len(token_ids) - len(new_ids) :]
-                        lp = self._logprobs_json(
-                            out, new_ids, new_lps, echo=first and self.req.echo
-                        )
-                    if first and self.req.echo:
-                        delta_text = self._prompt_text(i) + delta_text
-                    choice = {
-                        "index": index,
-                        "text": delta_text,
-                        "logprobs": lp,
-                        "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
-                    }
-                    yield sse(self._chunk([choice], include_usage))
-            if include_usage:
-                prompt_tokens = sum(len(p.prompt_token_ids) for p in self.prompts)
-                chunk = self._chunk([], False)
-                chunk["usage"] = usage(prompt_tokens, completion_tokens)
-                yield sse(chunk)
-        except EngineDeadError as exc:
-            yield sse_error(unavailable(str(exc), "engine_dead"))
-        finally:
-            self.ctx.release(self.group)
-        yield DONE
-
-    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
-        chunk = {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
+        async for out in self.group:
+            i = self._prompt_index(out)
+            for c in out.outputs:
+                index = i * self.req.n + c.index
+                text, token_ids, logprobs = self._generated(c)
+                delta = tracker.delta(index, text, token_ids, c.finish_reason)
+                if delta is None:
+                    continue
+                first, delta_text, new_ids = delta
+                completion_tokens += len(new_ids)
+                lp = None
+                if self.req.logprobs is not None:
+                    new_lps = (logprobs or [])[len(token_ids) - len(new_ids) :]
+                    lp = self._logprobs_json(out, new_ids, new_lps, echo=first and self.req.echo)
+                if first and self.req.echo:
+                    delta_text = self._prompt_text(i) + delta_text
+                choice = {
+                    "index": index,
+                    "text": delta_text,
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                yield self.head.body([choice], **extra)
         if include_usage:
-            chunk["usage"] = None
-        return chunk
+            prompt_tokens = sum(len(p.prompt_token_ids) for p in self.prompts)
+            yield self.head.body([], usage=usage(prompt_tokens, completion_tokens))
 
     def _logprobs_json(
         self,

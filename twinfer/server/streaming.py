@@ -3,13 +3,49 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
+
+from twinfer.engine.client import EngineDeadError
+from twinfer.server.errors import sse_error, unavailable
 
 DONE = "data: [DONE]\n\n"
 
 
 def sse(chunk: dict[str, Any]) -> str:
     return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """What every chunk (and the JSON body) of one response repeats."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+    def body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        head = {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
+        return head | {"choices": choices} | extra
+
+
+async def sse_events(
+    chunks: AsyncIterator[dict[str, Any]], release: Callable[[], None]
+) -> AsyncIterator[str]:
+    """One response's SSE: its chunks, an error event if the engine died, then [DONE].
+
+    `release` runs however the stream ends, a client disconnect included (it aborts what runs).
+    """
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except EngineDeadError as exc:
+        yield sse_error(unavailable(str(exc), "engine_dead"))
+    finally:
+        release()
+    yield DONE
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -11,6 +11,32 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# NOTE: without a GPU, Triton kernels run in Triton's interpreter (numpy on the CPU), so CI checks
+# the kernels' logic too. It must be set before any kernel module is imported. The interpreter
+# lacks bf16 dots, so interpreter tests use float16/float32; the GPU runs the bf16 cases.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _fix_interpreter_loop_bounds() -> None:
+    """NOTE: Triton 3.6's interpreter turns a scalar into a Python int with `int(array)`, which
+    NumPy >= 2.4 refuses for its 1-element arrays, so `range(lo, hi)` over loaded values fails
+    (triton-lang/triton#9171, fixed upstream by squeezing). Same fix, for the tests' interpreter."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_loop_bounds()
 
 
 @pytest.fixture(scope="session")

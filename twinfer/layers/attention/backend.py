@@ -6,6 +6,7 @@ Legend: `T` tokens of the step, `S` sequences, `Hq`/`Hkv` query/KV heads, `D` he
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -46,12 +47,26 @@ class CommonAttentionMetadata:
     query_lens: list[int]  # [S]
     seq_lens: list[int]  # [S] context length after this step
     block_table: torch.Tensor  # [S, max_blocks] int64, padded with 0
-    slot_mapping: torch.Tensor  # [T] int64, flat cache slot = block * block_size + offset
+    slot_mapping: torch.Tensor  # [T] int64, flat cache slot = block * block_size + offset; -1 skips
     block_size: int
+    # Device mirrors of the lists, for kernels (the runner fills them on a GPU).
+    query_start_loc_tensor: torch.Tensor | None = None  # [S+1] int32
+    seq_lens_tensor: torch.Tensor | None = None  # [S] int32
+    # Upper bound of seq_lens, for grids: 0 means max(seq_lens). A captured CUDA graph sets
+    # max_model_len, since one graph replays for every context length.
+    max_seq_len: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len == 0:
+            self.max_seq_len = max(self.seq_lens, default=0)
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens, default=0)
 
 
 class AttentionBackend(ABC):
@@ -89,22 +104,30 @@ def register_attn_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]
     return cls
 
 
+# Built-in backends, imported on first use: importing triton costs a second a CPU run never needs.
+_BUILTIN = {
+    "torch": "twinfer.layers.attention.torch_backend",
+    "triton": "twinfer.layers.attention.triton_backend",
+}
+
+
 def select_attn_backend(name: str) -> None:
     """Choose the backend that `Attention` layers built from now on use."""
     global _selected
-    _ensure_builtin_backends()
-    if name not in _BACKENDS:
-        raise ValueError(
-            f"unknown attention backend {name!r}; available: {', '.join(sorted(_BACKENDS))}."
-        )
+    _ensure_backend(name)
     _selected = name
 
 
 def get_attn_backend(name: str | None = None) -> AttentionBackend:
-    _ensure_builtin_backends()
-    return _BACKENDS[name or _selected]()
+    name = name or _selected
+    _ensure_backend(name)
+    return _BACKENDS[name]()
 
 
-def _ensure_builtin_backends() -> None:
+def _ensure_backend(name: str) -> None:
     # NOTE: imported here, not at module top, so backends can import this module freely.
-    from twinfer.layers.attention import torch_backend  # noqa: F401
+    if name not in _BACKENDS and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _BACKENDS:
+        known = sorted(set(_BACKENDS) | set(_BUILTIN))
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(known)}.")

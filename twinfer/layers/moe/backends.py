@@ -8,6 +8,7 @@ CPU engine register here; model files never name a backend.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -42,16 +43,23 @@ def register_expert_backend(name: str) -> Callable[[type], type]:
     return wrap
 
 
+# Backends in their own modules, imported on first use (triton costs a second to import).
+_LAZY = {"triton": "twinfer.layers.moe.triton_backend"}
+
+
 def get_expert_backend(name: str) -> ExpertBackend:
+    if name not in _BACKENDS and name in _LAZY:
+        importlib.import_module(_LAZY[name])
     if name not in _BACKENDS:
         raise ValueError(
-            f"unknown MoE expert backend {name!r}; available: {', '.join(sorted(_BACKENDS))}."
+            f"unknown MoE expert backend {name!r}; available: "
+            f"{', '.join(available_expert_backends())}."
         )
     return _BACKENDS[name]()
 
 
 def available_expert_backends() -> tuple[str, ...]:
-    return tuple(sorted(_BACKENDS))
+    return tuple(sorted(set(_BACKENDS) | set(_LAZY)))
 
 
 @register_expert_backend("torch")

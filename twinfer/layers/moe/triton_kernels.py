@@ -1,0 +1,452 @@
+"""Fused mixture-of-experts in Triton: routing top-k, slot alignment and two grouped GEMMs.
+
+Shapes: `T` tokens, `H` hidden, `E` experts, `K` top-k, `I` expert inner size, `S` = T*K slots
+(slot s = t*K + k), `EM` the padded slot count (a static bound), `B` = EM / block_m blocks.
+
+The pipeline (vLLM's fused_moe): `moe_align_block_size` sorts the slots by expert and pads every
+expert's group to a multiple of block_m, so each block of block_m rows belongs to one expert;
+the gate+up GEMM (SiLU fused) writes act [S, I] by slot, the down GEMM writes the weighted
+[S, H] by slot, and a sum over K gives [T, H]. Nothing syncs with the host, so a decode step
+with all of this replays from one CUDA graph; nothing uses atomics, so results are
+deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class GemmConfig:
+    """Launch parameters of one grouped GEMM (block_m is shared, see MoEConfig)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class MoEConfig:
+    block_m: int
+    up: GemmConfig  # gate+up GEMM: N = I, reduction over H
+    down: GemmConfig  # down GEMM: N = H, reduction over I
+
+
+# NOTE: keyed by the largest T of the bucket, for the Qwen3-30B-A3B expert shape on an H100
+# (E=128, K=8, H=2048, I=768, bf16); other (E, K) are looked up at the T with the same slots per
+# expert (see get_moe_config). Decode (block_m 16) splits N finely so that ~200 programs stream
+# the 8 experts' weights; prefill grows block_m with the slots per expert. The gate+up GEMM holds
+# two accumulators, so its block_m x block_n stays <= 8192 (64 registers a thread at 8 warps).
+# Overwrite entries with what `python scripts/bench_fused_moe.py --sweep` prints.
+MOE_CONFIGS: dict[int, MoEConfig] = {
+    1: MoEConfig(16, GemmConfig(32, 128, 4, 4, 1), GemmConfig(64, 128, 4, 4, 1)),
+    8: MoEConfig(16, GemmConfig(32, 128, 4, 4, 1), GemmConfig(64, 128, 4, 4, 1)),
+    64: MoEConfig(16, GemmConfig(64, 128, 4, 4, 1), GemmConfig(64, 128, 4, 4, 1)),
+    512: MoEConfig(32, GemmConfig(64, 64, 4, 4, 8), GemmConfig(64, 64, 4, 4, 8)),
+    4096: MoEConfig(64, GemmConfig(128, 64, 8, 4, 8), GemmConfig(128, 64, 8, 4, 8)),
+    1 << 30: MoEConfig(128, GemmConfig(64, 64, 8, 4, 8), GemmConfig(128, 64, 8, 3, 8)),
+}
+
+
+def get_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
+    """The MOE_CONFIGS entry for T tokens. NOTE: the table is tuned at E/K = 16 (Qwen3-30B-A3B);
+    another model is looked up at the T giving the same slots per expert, T*K/E, which is what
+    decides how full the blocks are."""
+    t_eq = -(-num_tokens * top_k * 16 // num_experts)
+    for bound in sorted(MOE_CONFIGS):
+        if t_eq <= bound:
+            return MOE_CONFIGS[bound]
+    return MOE_CONFIGS[max(MOE_CONFIGS)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing: softmax + top-k (+ renormalize) in one kernel, one program per token.
+
+
+@triton.jit
+def _topk_kernel(
+    logits_ptr, weights_ptr, ids_ptr, num_experts, stride_t,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < num_experts
+    x = tl.load(logits_ptr + t * stride_t + offs_e, mask=mask_e, other=float("-inf"))
+    x = x.to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = tl.where(mask_e, p, 0.0)
+    p = p / tl.sum(p, axis=0)  # [E] softmax in float32, like torch.softmax(dtype=float32)
+    # Probabilities are >= 0, so -1 marks lanes that are padding or already taken.
+    rest = tl.where(mask_e, p, -1.0)
+    offs_k = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        # NOTE: ties go to the lower expert id (tie_break_left), the order torch.topk gives
+        # on CUDA in practice (it does not promise one).
+        i = tl.argmax(rest, axis=0, tie_break_left=True)
+        top_w = tl.where(offs_k == k, tl.max(rest, axis=0), top_w)
+        top_i = tl.where(offs_k == k, i, top_i)
+        rest = tl.where(offs_e == i, -1.0, rest)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, axis=0)  # lanes >= K hold 0
+    mask_k = offs_k < TOP_K
+    tl.store(weights_ptr + t * TOP_K + offs_k, top_w, mask=mask_k)
+    tl.store(ids_ptr + t * TOP_K + offs_k, top_i, mask=mask_k)
+
+
+def fused_topk(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """router_logits [T, E] -> (topk_weights [T, K] float32, topk_ids [T, K] int32): MoELayer's
+    routing (softmax in float32, top-k by probability, optional renormalize) in one launch."""
+    t, e = router_logits.shape
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
+    if t == 0:
+        return weights, ids
+    block_e = max(16, triton.next_power_of_2(e))
+    _topk_kernel[(t,)](
+        router_logits, weights, ids, e, router_logits.stride(0),
+        TOP_K=top_k, BLOCK_E=block_e, BLOCK_K=max(2, triton.next_power_of_2(top_k)),
+        RENORMALIZE=renormalize, num_warps=1 if block_e <= 256 else 4,
+    )  # fmt: skip
+    return weights, ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment: slots grouped by expert (stable: slot order within an expert), groups padded.
+
+# NOTE: loops with a runtime trip count are `while` loops: Triton's interpreter cannot take a
+# runtime scalar as a `range` bound under numpy >= 2.4 (the GEMMs' loops have constexpr bounds).
+# The slot ranks come from a one-hot [SUB, E] cumsum per sub-block of slots; its size is
+# capped here. Up to ALIGN_SINGLE_MAX_SUBS sub-blocks (decode, small prefill) one program does
+# everything in one launch; beyond, ALIGN_MAX_CHUNKS programs count their chunk first (launch 1)
+# and then each scatters its chunk after a prefix over the chunks' counts (launch 2).
+ALIGN_ONEHOT_ELEMS = 8192
+ALIGN_SINGLE_MAX_SUBS = 4
+ALIGN_MAX_CHUNKS = 64
+_FILL_BLOCK = 1024
+
+
+def max_padded_slots(num_slots: int, num_experts: int, block_m: int) -> int:
+    """EM: the static bound on padded slots; each expert that got a slot pads < block_m."""
+    em = num_slots + min(num_experts, num_slots) * (block_m - 1)
+    return -(-em // block_m) * block_m
+
+
+@triton.jit
+def _align_count_kernel(
+    ids_ptr, counts_ptr, sorted_ptr, num_slots, chunk, em,
+    BLOCK_E: tl.constexpr, SUB: tl.constexpr, FILL: tl.constexpr,
+):  # fmt: skip
+    """Per chunk: counts[pid, e] = slots of expert e in the chunk; also fills its share of the
+    sorted ids with the sentinel S (the scatter kernel, launched after, overwrites real slots)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    hist = tl.zeros([BLOCK_E], dtype=tl.int32)
+    end = tl.minimum(pid * chunk + chunk, num_slots)
+    s = pid * chunk
+    while s < end:
+        offs = s + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + offs, mask=offs < end, other=-1).to(tl.int32)
+        hist += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+        s += SUB
+    tl.store(counts_ptr + pid * BLOCK_E + tl.arange(0, BLOCK_E), hist)
+    f = pid * FILL
+    while f < em:
+        offs = f + tl.arange(0, FILL)
+        tl.store(sorted_ptr + offs, num_slots, mask=offs < em)
+        f += nprog * FILL
+
+
+@triton.jit
+def _align_scatter_kernel(
+    ids_ptr, counts_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr,
+    num_slots, num_experts, chunk, em, num_chunks,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, SUB: tl.constexpr, CHUNKS_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr, FILL: tl.constexpr, SINGLE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    begin = pid * chunk
+    end = tl.minimum(begin + chunk, num_slots)
+    if SINGLE:  # one program: count here, fill the sentinel here
+        total = tl.zeros([BLOCK_E], dtype=tl.int32)
+        s = 0
+        while s < num_slots:
+            offs = s + tl.arange(0, SUB)
+            ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=-1).to(tl.int32)
+            total += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+            s += SUB
+        before = tl.zeros([BLOCK_E], dtype=tl.int32)
+        f = 0
+        while f < em:
+            offs = f + tl.arange(0, FILL)
+            tl.store(sorted_ptr + offs, num_slots, mask=offs < em)
+            f += FILL
+        tl.debug_barrier()  # the sentinel stores land before the scatter's
+    else:
+        rows = tl.arange(0, CHUNKS_PAD)[:, None]
+        counts = tl.load(
+            counts_ptr + rows * BLOCK_E + offs_e[None, :], mask=rows < num_chunks, other=0
+        )  # [chunks, E]
+        total = tl.sum(counts, axis=0)  # [E]
+        before = tl.sum(tl.where(rows < pid, counts, 0), axis=0)  # [E] earlier chunks' slots
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [E]
+    group_end = tl.cumsum(padded, axis=0)  # [E]
+    num_post = tl.sum(padded, axis=0)
+    base = group_end - padded + before  # [E] where this chunk's next slot of expert e goes
+    s = begin
+    while s < end:
+        offs = s + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + offs, mask=offs < end, other=-1).to(tl.int32)
+        onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)  # [SUB, E]
+        rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # [SUB]
+        dest = tl.sum(onehot * base[None, :], axis=1) + rank  # [SUB]
+        tl.store(sorted_ptr + dest, offs, mask=offs < end)
+        base += tl.sum(onehot, axis=0)
+        s += SUB
+    # Block b starts at b*block_m; its expert is the number of groups ending at or before it.
+    num_blocks = em // BLOCK_M
+    b = pid * BLOCK_B
+    while b < num_blocks:
+        offs_b = b + tl.arange(0, BLOCK_B)
+        pos = offs_b * BLOCK_M
+        ended = (group_end[None, :] <= pos[:, None]) & (offs_e[None, :] < num_experts)
+        expert = tl.sum(ended.to(tl.int32), axis=1)
+        expert = tl.where(pos < num_post, expert, -1)
+        tl.store(expert_ids_ptr + offs_b, expert, mask=offs_b < num_blocks)
+        b += nprog * BLOCK_B
+    if pid == 0:
+        tl.store(num_post_ptr, num_post)
+
+
+def moe_align_block_size(
+    topk_ids: Tensor, block_m: int, num_experts: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """topk_ids [T, K] -> (sorted_token_ids [EM] int32, expert_ids [B] int32,
+    num_tokens_post_padded [1] int32).
+
+    sorted_token_ids lists the slots (t*K + k) of expert 0, then of expert 1, ..., each group in
+    slot order and padded to a multiple of block_m with the sentinel S = T*K; expert_ids[b] is
+    the expert of block b, -1 past num_tokens_post_padded. EM = max_padded_slots(S, E, block_m)
+    depends on shapes only, so no host sync happens and the call is CUDA-graph capturable.
+    """
+    num_slots = topk_ids.numel()
+    device = topk_ids.device
+    em = max_padded_slots(num_slots, num_experts, block_m)
+    sorted_ids = torch.empty(em, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(em // block_m, dtype=torch.int32, device=device)
+    num_post = torch.empty(1, dtype=torch.int32, device=device)
+    if num_slots == 0:
+        num_post.zero_()
+        return sorted_ids, expert_ids, num_post
+    ids = topk_ids.reshape(-1)  # [S]
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    sub = min(max(ALIGN_ONEHOT_ELEMS // block_e, 16), 1024, triton.next_power_of_2(num_slots))
+    sub = max(sub, 16)
+    num_subs = triton.cdiv(num_slots, sub)
+    single = num_subs <= ALIGN_SINGLE_MAX_SUBS
+    num_chunks = 1 if single else min(num_subs, ALIGN_MAX_CHUNKS)
+    chunk = triton.cdiv(num_subs, num_chunks) * sub
+    num_chunks = triton.cdiv(num_slots, chunk)
+    counts = sorted_ids  # a dummy pointer: one program counts for itself
+    if not single:
+        counts = torch.empty(num_chunks, block_e, dtype=torch.int32, device=device)  # [chunks, E]
+        _align_count_kernel[(num_chunks,)](
+            ids, counts, sorted_ids, num_slots, chunk, em,
+            BLOCK_E=block_e, SUB=sub, FILL=_FILL_BLOCK, num_warps=4,
+        )  # fmt: skip
+    _align_scatter_kernel[(num_chunks,)](
+        ids, counts, sorted_ids, expert_ids, num_post,
+        num_slots, num_experts, chunk, em, num_chunks,
+        BLOCK_M=block_m, BLOCK_E=block_e, SUB=sub,
+        CHUNKS_PAD=triton.next_power_of_2(num_chunks), BLOCK_B=max(16, 4096 // block_e),
+        FILL=_FILL_BLOCK, SINGLE=single, num_warps=4,
+    )  # fmt: skip
+    return sorted_ids, expert_ids, num_post
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped GEMMs over the aligned slots.
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, c_ptr, topk_weights_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr,
+    num_slots, em,
+    stride_at, stride_we, stride_wn, stride_wk, stride_cs,
+    N: tl.constexpr, K: tl.constexpr, GATED: tl.constexpr, A_DIV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_N] tile of one expert's GEMM over gathered rows.
+
+    GATED (gate+up): a = hidden [T, H] read at row slot // K (A_DIV = K), w = w13 [E, 2I, H]
+    with N = I: c[slot, n] = silu(a @ w[e, n]) * (a @ w[e, I + n]) -> act [S, I].
+    Not GATED (down): a = act [S, I] read at row slot (A_DIV = 1), w = w2 [E, H, I] with N = H:
+    c[slot, n] = topk_weights[slot] * (a @ w[e, n]) -> [S, H].
+    """
+    pid = tl.program_id(0)
+    num_pid_m = em // BLOCK_M
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row blocks (mostly one expert's) share each weight tile in L2.
+    in_group = GROUP_M * num_pid_n
+    first_m = pid // in_group * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
+        return  # a padding block past the last expert's group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ptr + offs_m)  # [BLOCK_M], the sentinel S on padding rows
+    row_ok = slot < num_slots
+    # NOTE: padding rows read row 0 instead of masking, so the loads stay unmasked along M
+    # (vectorized); only their stores are masked.
+    a_row = tl.where(row_ok, slot // A_DIV, 0).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_wn = offs_n % N  # wrapped columns load real weights; their outputs are masked
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_at + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + expert * stride_we + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if K % BLOCK_K == 0:  # no mask along the reduction
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)  # [BLOCK_K, BLOCK_N]
+            if GATED:
+                w_up = tl.load(w_ptrs + N * stride_wn)
+        else:
+            k_ok = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            if GATED:
+                w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if GATED:
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up in float32
+    else:
+        acc = acc * tl.load(topk_weights_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + slot.to(tl.int64)[:, None] * stride_cs + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+
+@functools.cache
+def _smem_limit(device_index: int) -> int:
+    """Bytes of shared memory one program may use (the limit Triton checks at launch)."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+    return props["max_shared_mem"]
+
+
+def _fit_smem(cfg: GemmConfig, block_m: int, gated: bool, a: Tensor) -> GemmConfig:
+    """cfg with block_k, then num_stages, cut until the pipelined tiles fit the GPU's shared
+    memory. NOTE: the table is tuned for bf16 on an H100 (227 KB); float32 inputs and GPUs with
+    ~100 KB (consumer cards) would otherwise fail to launch."""
+    if a.device.type != "cuda":
+        return cfg
+    limit = _smem_limit(a.device.index if a.device.index is not None else 0)
+
+    def need(c: GemmConfig) -> int:
+        tiles = block_m * c.block_k + (2 if gated else 1) * c.block_k * c.block_n
+        return c.num_stages * tiles * a.element_size()
+
+    while need(cfg) > limit and cfg.block_k > 32:
+        cfg = replace(cfg, block_k=cfg.block_k // 2)
+    while need(cfg) > limit and cfg.num_stages > 2:
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    while need(cfg) > limit and cfg.block_k > 16:
+        cfg = replace(cfg, block_k=cfg.block_k // 2)
+    return cfg
+
+
+def _launch_gemm(
+    a: Tensor,
+    w: Tensor,
+    c: Tensor,
+    topk_weights: Tensor,
+    align: tuple[Tensor, Tensor, Tensor],
+    num_slots: int,
+    gated: bool,
+    top_k: int,
+    block_m: int,
+    cfg: GemmConfig,
+) -> None:
+    sorted_ids, expert_ids, num_post = align
+    cfg = _fit_smem(cfg, block_m, gated, a)
+    em = sorted_ids.numel()
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    k = w.shape[2]
+    grid = (em // block_m * triton.cdiv(n, cfg.block_n),)
+    _moe_gemm_kernel[grid](
+        a, w, c, topk_weights, sorted_ids, expert_ids, num_post,
+        num_slots, em,
+        a.stride(0), w.stride(0), w.stride(1), w.stride(2), c.stride(0),
+        N=n, K=k, GATED=gated, A_DIV=top_k if gated else 1,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def fused_moe(
+    hidden: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    config: MoEConfig | None = None,
+) -> Tensor:
+    """hidden [T, H], topk_weights [T, K], topk_ids [T, K] int, w13 [E, 2I, H] (gate rows then up
+    rows), w2 [E, H, I] -> [T, H] in hidden's dtype: sum_k w_k * down(silu(gate(x)) * up(x)).
+
+    Float32 runs exact (IEEE) dots; bf16/fp16 run tensor cores with float32 accumulation and
+    round act and each slot's output once to hidden's dtype. 4-5 launches, no host sync.
+    """
+    t, h = hidden.shape
+    e, two_i, _ = w13.shape
+    top_k = topk_ids.shape[1]
+    num_slots = t * top_k
+    if t == 0:
+        return hidden.new_empty(0, h)
+    if not hidden.dtype == w13.dtype == w2.dtype:
+        raise ValueError(
+            f"fused_moe needs one dtype: hidden is {hidden.dtype}, w13 {w13.dtype}, w2 {w2.dtype}"
+        )
+    if w13.stride(2) != 1 or w2.stride(2) != 1:
+        raise ValueError("fused_moe needs expert weights contiguous along their last dim")
+    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
+    cfg = config or get_moe_config(t, top_k, e)
+    align = moe_align_block_size(topk_ids, cfg.block_m, e)
+    weights = topk_weights.reshape(-1)  # [S]
+    if not weights.is_contiguous():
+        weights = weights.contiguous()
+    act = torch.empty(num_slots, two_i // 2, dtype=hidden.dtype, device=hidden.device)  # [S, I]
+    _launch_gemm(hidden, w13, act, weights, align, num_slots, True, top_k, cfg.block_m, cfg.up)
+    out = torch.empty(num_slots, h, dtype=hidden.dtype, device=hidden.device)  # [S, H]
+    _launch_gemm(act, w2, out, weights, align, num_slots, False, top_k, cfg.block_m, cfg.down)
+    if top_k == 1:
+        return out
+    # NOTE: a deterministic sum over K (no atomics in the down GEMM); torch reduces 16-bit
+    # inputs with float32 accumulation and rounds once.
+    return out.view(t, top_k, h).sum(dim=1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twinfer.layers.cuda_ops import cuda_ops
+
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 
@@ -18,6 +20,8 @@ class SiluAndMul(nn.Module):
     """silu(gate) * up: [T, 2I] -> [T, I] (HF: act_fn(gate_proj(x)) * up_proj(x))."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if (ops := cuda_ops(x)) is not None:
+            return ops.silu_and_mul(x)
         return silu_and_mul(x)
 
 

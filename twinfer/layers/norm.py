@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twinfer.layers.cuda_ops import cuda_ops
 from twinfer.layers.linear import default_weight_loader, new_param
 
 
@@ -28,6 +29,10 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (self.hidden_size,), self.weight, self.variance_epsilon)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if (ops := cuda_ops(x)) is not None:  # one fused kernel instead of 2-6 small ones
+            if residual is None:
+                return ops.rms_norm(x, self.weight, self.variance_epsilon)
+            return ops.fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
         if residual is None:
             return self._norm(x)
         # NOTE: the add happens in the model dtype (HF: `residual + hidden_states`), not fp32 as in

@@ -12,6 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from twinfer.layers.cuda_ops import cuda_ops
+from twinfer.layers.norm import RMSNorm
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -113,7 +116,32 @@ class RotaryEmbedding(nn.Module):
             self._step_key = (positions, dtype)
         return self._step_cos_sin  # [T, 1, D/2] each
 
-    def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        positions: Tensor,
+        q: Tensor,
+        k: Tensor,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Rotate q [T, nq*D] and k [T, nkv*D]; with q_norm/k_norm (Qwen3) each head is first
+        RMS-normed over its D values (one fused kernel on a GPU)."""
+        if (ops := cuda_ops(q)) is not None:
+            return ops.rotary_embedding(
+                positions,
+                q,
+                k,
+                self.cos_sin_cache,
+                self.head_size,
+                q_norm_weight=None if q_norm is None else q_norm.weight,
+                k_norm_weight=None if k_norm is None else k_norm.weight,
+                eps=1e-6 if q_norm is None else q_norm.variance_epsilon,
+            )
+        t, d = q.shape[0], self.head_size
+        if q_norm is not None:
+            q = q_norm(q.reshape(t, -1, d)).reshape(t, -1)  # [T, nq D]
+        if k_norm is not None:
+            k = k_norm(k.reshape(t, -1, d)).reshape(t, -1)  # [T, nkv D]
         cos, sin = self._cos_sin(positions, q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

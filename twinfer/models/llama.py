@@ -106,12 +106,8 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: Tensor, hidden: Tensor) -> Tensor:
         qkv = self.qkv_proj(hidden)  # [T, (nq + 2 nkv) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None and self.k_norm is not None:
-            # Qwen3: RMSNorm over each head's D values, before RoPE.
-            t, d = q.shape[0], self.head_dim
-            q = self.q_norm(q.reshape(t, -1, d)).reshape(t, -1)  # [T, nq D]
-            k = self.k_norm(k.reshape(t, -1, d)).reshape(t, -1)  # [T, nkv D]
-        q, k = self.rotary_emb(positions, q, k)
+        # Qwen3's q/k norms (RMSNorm over each head's D values) run inside RoPE, before it.
+        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
         return self.o_proj(self.attn(q, k, v))  # [T, nq D] -> [T, H]
 
 

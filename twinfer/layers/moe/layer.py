@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from twinfer.layers.cuda_ops import cuda_moe_ops
 from twinfer.layers.linear import (
     ReplicatedLinear,
     check_shape,
@@ -120,8 +121,14 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoE shard_id must be (expert, 'w1'|'w3'|'w2'|'w13'): {shard_id!r}")
 
     def route(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """hidden [T, H] -> (topk_weights [T, K], topk_ids [T, K] int64), as HF's top-k router."""
+        """hidden [T, H] -> (topk_weights [T, K], topk_ids [T, K] int64, int32 on a GPU), as HF's
+        top-k router."""
         router_logits = self.gate(hidden)  # [T, E] in the model dtype, like HF
+        if (ops := cuda_moe_ops(hidden)) is not None:  # softmax, top-k, renormalize: one kernel
+            topk_weights, topk_ids = ops.fused_topk(router_logits, self.top_k, self.renormalize)
+            if self.cast_routing_weights:
+                topk_weights = topk_weights.to(hidden.dtype)
+            return topk_weights, topk_ids
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
         topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
         if self.renormalize:

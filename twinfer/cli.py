@@ -1,4 +1,4 @@
-"""The `twinfer` command: serve | generate | chat | random-model | bench."""
+"""The `twinfer` command: serve | generate | chat | check | random-model | bench."""
 
 from __future__ import annotations
 
@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("-v", "--verbose", action="store_true", help="Log engine details.")
     chat.set_defaults(func=_chat)
 
+    from twinfer.bench import check
+
+    chk = sub.add_parser(
+        "check", help="The machine's limits (CPU, DRAM, GPU, HBM, PCIe) and a model's bounds."
+    )
+    check.add_cli_args(chk)
+    chk.set_defaults(func=check.run)
+
     from twinfer.bench import random_model
 
     rnd = sub.add_parser("random-model", help="Write a random-weight HF checkpoint of a shape.")
@@ -89,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec = bench_sub.add_parser("decode", help="CPU decode tokens/s vs transformers generate.")
     cpu_decode.add_cli_args(dec)
     dec.set_defaults(func=cpu_decode.main)
-    from twinfer.bench import latency, serve, throughput
+    from twinfer.bench import gpu, latency, serve, throughput
 
     for name, module, about in (
+        ("gpu", gpu, "GPU decode (batch 1, 64) and 512-token prefill tokens/s with bounds."),
         ("serve", serve, "Latency and throughput of an OpenAI-compatible server under load."),
         ("latency", latency, "Offline engine: latency of one batch."),
         ("throughput", throughput, "Offline engine: tokens/s over many prompts."),

@@ -23,6 +23,8 @@ _DTYPES: dict[str, torch.dtype | None] = {
 }
 _DEVICES = ("auto", "cpu", "cuda")
 _CUDAGRAPH_MODES = ("none", "full_decode_only")
+_KERNEL_BACKENDS = ("auto", "torch", "triton")
+_LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass(slots=True)
@@ -107,17 +109,32 @@ class EngineConfig:
     enable_prefix_caching: bool = field(
         default=True, metadata={"help": "Reuse the KV cache of shared prompt prefixes."}
     )
+    gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata={
+            "help": "Fraction of the GPU's memory twinfer may use: weights, activations, CUDA "
+            "graphs, and the KV cache, which gets what is left."
+        },
+    )
     kv_cache_memory_bytes: int | None = field(
         default=None,
         metadata={
-            "help": "Bytes for the KV cache on the CPU (default: enough for max_num_seqs "
-            "sequences of max_model_len, at most 1 GiB)."
+            "help": "Bytes for the KV cache (default: on a GPU, what --gpu-memory-utilization "
+            "leaves; on the CPU, enough for max_num_seqs sequences of max_model_len, at most "
+            "1 GiB)."
         },
     )
     num_gpu_blocks_override: int | None = field(
         default=None, metadata={"help": "Force the number of KV blocks (testing, tuning)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the global random generator."})
+    load_format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (the checkpoint's weights) | dummy (random weights: benchmarks of a "
+            "shape from its config.json alone)."
+        },
+    )
     device: str = field(default="auto", metadata={"help": "cpu | cuda | auto."})
     served_model_name: str | None = field(
         default=None, metadata={"help": "Model name reported in outputs (default: --model)."}
@@ -133,6 +150,21 @@ class EngineConfig:
         default=20, metadata={"help": "Most logprobs a request may ask for per token."}
     )
     tensor_parallel_size: int = field(default=1, metadata={"help": "Tensor parallel size (1)."})
+    enforce_eager: bool = field(
+        default=False,
+        metadata={"help": "Run every step eagerly: no CUDA graphs (same tokens, slower decode)."},
+    )
+    attention_backend: str = field(
+        default="auto",
+        metadata={"help": "auto | torch | triton (auto: triton on a GPU, torch on the CPU)."},
+    )
+    moe_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Expert backend: auto | torch | triton (auto: triton on a GPU, torch on "
+            "the CPU)."
+        },
+    )
     compilation_config: CompilationConfig = field(
         default_factory=CompilationConfig,
         metadata={"help": 'JSON, e.g. \'{"cudagraph_mode": "none"}\' (YAML: dotted keys).'},
@@ -154,6 +186,11 @@ class EngineConfig:
             )
         if self.device not in _DEVICES:
             raise ValueError(f"device {self.device!r} is unknown; choose one of {_DEVICES}.")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(
+                f"load_format {self.load_format!r} is unknown; choose one of "
+                f"{', '.join(_LOAD_FORMATS)}."
+            )
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(
                 f"block_size must be a power of two from 1 to 128, got {self.block_size}."
@@ -163,6 +200,17 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}; "
+                "it is the fraction of the GPU's memory twinfer may use (default 0.9)."
+            )
+        for name in ("attention_backend", "moe_backend"):
+            if getattr(self, name) not in _KERNEL_BACKENDS:
+                raise ValueError(
+                    f"{name} {getattr(self, name)!r} is unknown; choose one of "
+                    f"{', '.join(_KERNEL_BACKENDS)}."
+                )
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(
                 f"num_gpu_blocks_override must be at least 1, got {self.num_gpu_blocks_override}."
@@ -185,6 +233,29 @@ class EngineConfig:
             return self.max_num_batched_tokens
         return 256 if device.type == "cpu" else 2048
 
+    def resolved_backend(self, which: str, device: torch.device) -> str:
+        """The kernel backend of `which` ("attention_backend" or "moe_backend") on `device`."""
+        name = getattr(self, which)
+        if name == "auto":
+            return "triton" if device.type == "cuda" and _has_triton() else "torch"
+        if name == "triton" and device.type != "cuda":
+            raise ValueError(
+                f"--{which.replace('_', '-')} triton needs a CUDA GPU; use torch on the CPU."
+            )
+        if name == "triton" and not _has_triton():
+            raise ValueError(
+                f"--{which.replace('_', '-')} triton needs the triton package: pip install triton."
+            )
+        return name
+
+    def use_cuda_graphs(self, device: torch.device) -> bool:
+        """Decode steps replay CUDA graphs unless eager is forced (needs graph-safe kernels)."""
+        return (
+            device.type == "cuda"
+            and not self.enforce_eager
+            and self.compilation_config.cudagraph_mode != "none"
+        )
+
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,7 +274,13 @@ class EngineConfig:
             cls,
             "engine",
             skip,
-            choices={"dtype": list(_DTYPES), "device": list(_DEVICES)},
+            choices={
+                "dtype": list(_DTYPES),
+                "device": list(_DEVICES),
+                "attention_backend": list(_KERNEL_BACKENDS),
+                "moe_backend": list(_KERNEL_BACKENDS),
+                "load_format": list(_LOAD_FORMATS),
+            },
             types={"compilation_config": CompilationConfig.from_value},
         )
 
@@ -312,3 +389,9 @@ def config_file_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str
         if isinstance(value, dict) and convert is not None:
             values[head] = convert(value)  # e.g. CompilationConfig.from_value names bad sub-keys
     return values
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

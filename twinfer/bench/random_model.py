@@ -349,12 +349,13 @@ def make_random_checkpoint(
     seed: int = 0,
     max_shard_bytes: int = 2 * 2**30,
     tokenizer_from: str | Path | None = DEFAULT_TOKENIZER,
+    weights: bool = True,
 ) -> Path:
     """Write a random-weight checkpoint of a named shape to out_dir and return out_dir.
 
     Deterministic: a tensor's values depend only on (seed, shape, dtype, tensor name), so a
     num_layers override keeps the values of the layers it keeps. tokenizer_from=None writes no
-    tokenizer files.
+    tokenizer files; weights=False writes only config and tokenizer (for `--load-format dummy`).
     """
     spec = get_shape(shape)
     dtype = parse_dtype(dtype)
@@ -380,7 +381,7 @@ def make_random_checkpoint(
     for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    shards = _plan_shards(specs, itemsize, max_shard_bytes)
+    shards = _plan_shards(specs, itemsize, max_shard_bytes) if weights else []
     n = len(shards)
     names = (
         ["model.safetensors"]
@@ -388,7 +389,8 @@ def make_random_checkpoint(
         else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
     num_params = sum(s.numel for s in specs)
-    _write_shards(shards, names, out, _Values(f"{seed}/{shape}", dtype, num_params))
+    if weights:
+        _write_shards(shards, names, out, _Values(f"{seed}/{shape}", dtype, num_params))
     if n > 1:
         index = {
             "metadata": {"total_parameters": num_params, "total_size": num_params * itemsize},
@@ -451,6 +453,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--max-shard-size", type=_parse_size, default=2 * 2**30, help="e.g. 2GiB (default), 500MB"
     )
     parser.add_argument(
+        "--config-only",
+        action="store_true",
+        help="write config and tokenizer, no weights (serve it with --load-format dummy)",
+    )
+    parser.add_argument(
         "--tokenizer",
         default=None,
         help="a .gguf file or tokenizer directory to copy the tokenizer from, or 'none' (default: "
@@ -473,6 +480,7 @@ def main(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_shard_bytes=args.max_shard_size,
             tokenizer_from=tokenizer,
+            weights=not args.config_only,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -36,6 +36,7 @@ class ModelInfo:
     vocab_size: int
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     weight_bytes: int = 0  # filled by load_model
+    load_format: str = "auto"  # "dummy": random weights, no checkpoint read
 
 
 @functools.lru_cache(maxsize=2)
@@ -135,6 +136,7 @@ def model_info(config: EngineConfig) -> ModelInfo:
         bos_token_id=bos,
         vocab_size=int(hf_config.vocab_size),
         generation_defaults=defaults,
+        load_format=config.load_format,
     )
 
 
@@ -199,6 +201,18 @@ def _keeps_int4(info: ModelInfo) -> bool:
     )
 
 
+def _dummy_weights(model: nn.Module) -> set[str]:
+    """Random weights (vLLM's `--load-format dummy`): uniform in ±1e-3, seeded, on the device.
+
+    NOTE: speed does not depend on weight values, so benchmarks of a shape skip writing and
+    reading a checkpoint of many GB; the small range keeps activations finite in every layer.
+    """
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(0)
+    for p in model.parameters():
+        p.uniform_(-1e-3, 1e-3, generator=gen)
+    return set(dict(model.named_parameters()))
+
+
 def load_model(info: ModelInfo) -> nn.Module:
     """Build the model on its device in its dtype and fill it from the checkpoint."""
     from twinfer.models.registry import get_model_class
@@ -213,7 +227,10 @@ def load_model(info: ModelInfo) -> nn.Module:
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():
-        loaded = model.load_weights(_weights(info))
+        if info.load_format == "dummy":
+            loaded = _dummy_weights(model)
+        else:
+            loaded = model.load_weights(_weights(info))
     missing = sorted(set(dict(model.named_parameters())) - set(loaded))
     if missing:
         shown = ", ".join(missing[:5]) + (

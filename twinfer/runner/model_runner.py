@@ -18,7 +18,10 @@ from twinfer.layers.attention import (
     get_attn_backend,
     set_forward_context,
 )
+from twinfer.layers.moe import MoELayer
 from twinfer.loader.model_loader import ModelInfo, load_model
+from twinfer.runner.cuda_graphs import CudaGraphRunner
+from twinfer.runner.gpu_memory import plan_gpu_memory
 from twinfer.runner.sampler import Sampler, SamplingMetadata, compute_token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -26,6 +29,7 @@ logger = logging.getLogger(__name__)
 # NOTE: the pool is zeroed (padded gathers must never read NaN), so its pages are touched at
 # start: 1 GiB keeps start-up quick and leaves RAM for the weights; raise --kv-cache-memory-bytes.
 _CPU_DEFAULT_KV_BYTES = 2**30
+_PROMPT_LOGITS_ROWS = 256
 
 
 class ModelRunner:
@@ -38,7 +42,22 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = model if model is not None else load_model(info)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.attn_backend = get_attn_backend()
+        # NOTE: the runner picks the kernels for its device; model files never name a backend.
+        self.attn_backend = get_attn_backend(
+            config.resolved_backend("attention_backend", self.device)
+        )
+        for layer in self.attn_layers:
+            layer.backend = self.attn_backend
+        moe_backend = config.resolved_backend("moe_backend", self.device)
+        for module in self.model.modules():
+            if isinstance(module, MoELayer):
+                module.set_backend(moe_backend)
+        self.use_cuda_graphs = config.use_cuda_graphs(self.device)
+        if self.use_cuda_graphs and (self.attn_backend.name, moe_backend) != ("triton", "triton"):
+            # The torch kernels sync with the host (the expert loop, SDPA masks): not capturable.
+            logger.info("CUDA graphs off: they need the triton attention and MoE backends")
+            self.use_cuda_graphs = False
+        self.graphs: CudaGraphRunner | None = None
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         # Next prompt position whose logprob is still owed (survives preemption and recompute).
@@ -53,20 +72,30 @@ class ModelRunner:
     def initialize_kv_cache(self) -> int:
         """Size and allocate the paged KV cache; returns the number of blocks."""
         per_block = self.kv_bytes_per_token() * self.block_size
+        plan = None
         if self.config.num_gpu_blocks_override is not None:
             num_blocks = self.config.num_gpu_blocks_override
         elif self.config.kv_cache_memory_bytes is not None:
             num_blocks = self.config.kv_cache_memory_bytes // per_block
+        elif self.device.type == "cuda":
+            plan = plan_gpu_memory(self, self.use_cuda_graphs)
+            num_blocks = plan.kv_bytes // per_block
         else:
             want = self.config.max_num_seqs * self.info.max_model_len * per_block // self.block_size
             num_blocks = min(want, _CPU_DEFAULT_KV_BYTES) // per_block
         capacity = num_blocks * self.block_size
         if capacity < self.info.max_model_len:
-            largest = capacity
+            fix = (
+                "raise --gpu-memory-utilization, lower --max-num-batched-tokens, or set "
+                "--kv-cache-memory-bytes"
+                if plan is not None
+                else "give the cache more memory (--kv-cache-memory-bytes)"
+            )
             raise ValueError(
-                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.block_size}) "
-                f"but max_model_len is {self.info.max_model_len}; lower --max-model-len to at most "
-                f"{largest} or give the cache more memory (--kv-cache-memory-bytes)."
+                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.block_size}"
+                + (f"; {plan.describe()}" if plan is not None else "")
+                + f") but max_model_len is {self.info.max_model_len}; lower --max-model-len to "
+                f"at most {capacity}, or {fix}."
             )
         for layer in self.attn_layers:
             spec = layer.kv_cache_spec(self.info.dtype)
@@ -74,6 +103,17 @@ class ModelRunner:
             # zeros, not empty: padded gathers must never read NaN garbage.
             layer.kv_cache = torch.zeros(shape, dtype=spec.dtype, device=self.device)
         self.num_blocks = num_blocks
+        if self.use_cuda_graphs:
+            size = self.config.compilation_config.max_cudagraph_capture_size
+            self.graphs = CudaGraphRunner(
+                self.model,
+                self.attn_backend,
+                self.block_size,
+                self.info.max_model_len,
+                min(size or self.config.max_num_seqs, self.config.max_num_seqs),
+                self.device,
+            )
+            self.graphs.capture()
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB), max concurrency %.1f at "
             "max_model_len %d",
@@ -135,22 +175,15 @@ class ModelRunner:
                     prompt_targets.extend(req.prompt_token_ids[first + 1 : last + 1])
                     self.prompt_logprobs_pos[req.request_id] = last
 
-        max_blocks = max(len(item.block_ids) for item in sched.scheduled)
-        block_table = torch.zeros(len(sched.scheduled), max_blocks, dtype=torch.long)
-        for i, item in enumerate(sched.scheduled):
-            block_table[i, : len(item.block_ids)] = torch.tensor(item.block_ids)
-        common = CommonAttentionMetadata(
-            query_start_loc=query_start_loc,
-            query_lens=query_lens,
-            seq_lens=seq_lens,
-            block_table=block_table.to(self.device),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_size=bs,
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        with set_forward_context(self.attn_backend.build_metadata(common)):
-            hidden = self.model(ids, pos)  # [T, H]
+        block_ids = [item.block_ids for item in sched.scheduled]
+        graphs = self.graphs
+        if graphs is not None and len(input_ids) == len(block_ids) <= graphs.max_batch:
+            # Every sequence has one query token: a decode step, replayed from a CUDA graph.
+            hidden = graphs.run(input_ids, positions, slots, seq_lens, block_ids)  # [S, H]
+        else:
+            hidden = self._forward_eager(
+                input_ids, positions, slots, query_start_loc, query_lens, seq_lens, block_ids
+            )
 
         by_request = {item.request.request_id: SampledToken(None) for item in sched.scheduled}
         if sample_rows:
@@ -158,6 +191,38 @@ class ModelRunner:
         if prompt_rows:
             self._prompt_logprobs(hidden, prompt_rows, prompt_targets, prompt_lp, by_request)
         return RunnerOutput(by_request)
+
+    def _forward_eager(
+        self, input_ids, positions, slots, query_start_loc, query_lens, seq_lens, block_ids
+    ) -> torch.Tensor:  # [T, H]
+        dev = self.device
+        max_blocks = max(len(row) for row in block_ids)
+        block_table = torch.zeros(len(block_ids), max_blocks, dtype=torch.long)
+        for i, row in enumerate(block_ids):
+            block_table[i, : len(row)] = torch.tensor(row)
+        on_gpu = dev.type == "cuda"
+        common = CommonAttentionMetadata(
+            query_start_loc=query_start_loc,
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_table=block_table.to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_size=self.block_size,
+            query_start_loc_tensor=(
+                torch.tensor(query_start_loc, dtype=torch.int32, device=dev) if on_gpu else None
+            ),
+            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+            if on_gpu
+            else None,
+        )
+        if on_gpu and len(input_ids) == len(block_ids):
+            # NOTE: a decode step splits each context as a captured graph does (by the
+            # max_model_len bound), so --enforce-eager sums attention in the same order.
+            common.max_seq_len = self.info.max_model_len
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        with set_forward_context(self.attn_backend.build_metadata(common)):
+            return self.model(ids, pos)
 
     def _sample(self, hidden, rows, reqs, by_request) -> None:
         logits = self.model.compute_logits(hidden[rows])  # [N, V] float32
@@ -187,10 +252,23 @@ class ModelRunner:
                 sampled.logprobs = (lp_ids[i][: n + 1], lp_vals[i][: n + 1], ranks[i])
 
     def _prompt_logprobs(self, hidden, rows, targets, spans, by_request) -> None:
-        logits = self.model.compute_logits(hidden[rows])  # [P, V]
-        target = torch.tensor(targets, dtype=torch.long, device=logits.device)
-        ids, vals, ranks = compute_token_logprobs(logits, target, max(s[3] for s in spans))
-        ids_l, vals_l, ranks_l = ids.tolist(), vals.tolist(), ranks.tolist()
+        # NOTE: 256 rows of float32 logits at a time: a 2048-token prompt of a 152K vocab would
+        # otherwise hold 1.2 GB of logits (twice, with log_softmax) that the KV sizing must
+        # leave free.
+        num_top = max(s[3] for s in spans)
+        target = torch.tensor(targets, dtype=torch.long, device=hidden.device)
+        ids_l: list = []
+        vals_l: list = []
+        ranks_l: list = []
+        for start in range(0, len(rows), _PROMPT_LOGITS_ROWS):
+            chunk = rows[start : start + _PROMPT_LOGITS_ROWS]
+            logits = self.model.compute_logits(hidden[chunk])  # [P, V]
+            ids, vals, ranks = compute_token_logprobs(
+                logits, target[start : start + len(chunk)], num_top
+            )
+            ids_l += ids.tolist()
+            vals_l += vals.tolist()
+            ranks_l += ranks.tolist()
         for rid, row, count, n in spans:
             by_request[rid].prompt_logprobs = (
                 [r[: n + 1] for r in ids_l[row : row + count]],

@@ -1,0 +1,104 @@
+"""The CUDA path (Triton attention and experts, fused ops, CUDA graphs) against transformers.
+
+GPU only (marked `gpu`): HF parity of the five architectures on the GPU, CUDA-graph replay equal
+to eager, and the KV cache sized from --gpu-memory-utilization.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.entrypoints.test_hf_parity import ARCH_SHAPES, PROMPTS, check_logprobs_close
+from twinfer import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+NUM_TOKENS = 24
+
+
+def _hf_greedy(path, dtype: torch.dtype, prompts: list[str]):
+    """HF generate on the GPU: per prompt (token ids, top-5 sets per step)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    results = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids.cuda()
+        with torch.inference_mode():
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NUM_TOKENS,
+                min_new_tokens=NUM_TOKENS,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+        top = [set(step[0].topk(5).indices.tolist()) for step in gen.logits]
+        results.append((gen.sequences[0, ids.shape[1] :].tolist(), top))
+    return results
+
+
+def _ours(llm: LLM, prompts) -> list[tuple[list[int], list[set[int]]]]:
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, [set(lp) for lp in o.outputs[0].logprobs]) for o in outs]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", ARCH_SHAPES)
+def test_cuda_path_matches_transformers(tiny_checkpoints, shape, dtype) -> None:
+    """Graphs on (default), whole prompts and prompts chunked by 64 tokens (prefix context)."""
+    path = tiny_checkpoints(shape)
+    theirs = _hf_greedy(path, getattr(torch, dtype), PROMPTS)
+    for chunk in (None, 64):
+        llm = LLM(
+            str(path), device="cuda", dtype=dtype, max_model_len=2048, max_num_batched_tokens=chunk
+        )
+        assert llm.engine.core.runner.graphs is not None
+        for prompt, ours, hf in zip(PROMPTS, _ours(llm, PROMPTS), theirs, strict=True):
+            check_logprobs_close(ours, hf, f"{shape}/{dtype}/chunk {chunk}: {prompt[:16]}")
+        del llm
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", ARCH_SHAPES)
+def test_graph_replay_equals_eager(tiny_checkpoints, shape, dtype) -> None:
+    """--enforce-eager gives the same tokens: batches of 1, 4 and 8 replay graphs of their own
+    size; 13 replays the 16-graph with 3 padded rows (fp32: exact; bf16 may round apart)."""
+    path = tiny_checkpoints(shape)
+    prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(13)]
+    kw = dict(device="cuda", dtype=dtype, max_model_len=512, max_num_seqs=16)
+    graph = LLM(str(path), **kw)
+    eager = LLM(str(path), enforce_eager=True, **kw)
+    assert graph.engine.core.runner.graphs is not None
+    assert eager.engine.core.runner.graphs is None
+    for n in (1, 4, 8, 13):
+        got, want = _ours(graph, prompts[:n]), _ours(eager, prompts[:n])
+        if dtype == "float32" or n != 13:
+            assert [g[0] for g in got] == [w[0] for w in want], f"batch {n}"
+        else:
+            for g, w in zip(got, want, strict=True):
+                check_logprobs_close(g, w, f"batch {n}")
+
+
+def test_kv_cache_follows_gpu_memory_utilization(tiny_checkpoints) -> None:
+    path = str(tiny_checkpoints("qwen3-moe-tiny"))
+    small = LLM(path, device="cuda", gpu_memory_utilization=0.3, max_model_len=512)
+    blocks_small = small.engine.core.runner.num_blocks
+    del small
+    torch.cuda.empty_cache()
+    big = LLM(path, device="cuda", gpu_memory_utilization=0.6, max_model_len=512)
+    total = torch.cuda.get_device_properties(0).total_memory
+    per_block = big.engine.core.runner.kv_bytes_per_token() * 16
+    grown = (big.engine.core.runner.num_blocks - blocks_small) * per_block
+    # 30% more of the GPU goes to the KV cache (within the allocator's slack).
+    assert abs(grown - 0.3 * total) < 0.02 * total
+
+
+def test_too_little_gpu_memory_is_a_clear_error(tiny_checkpoints) -> None:
+    path = str(tiny_checkpoints("llama-tiny"))
+    with pytest.raises(ValueError, match="no GPU memory is left.*--gpu-memory-utilization"):
+        LLM(path, device="cuda", max_model_len=512, gpu_memory_utilization=0.001)

@@ -1,0 +1,183 @@
+"""`twinfer bench gpu`: decode and prefill on one GPU, each next to its physical bound.
+
+Figures (DESIGN.md's benchmark model by default: the Qwen3-30B-A3B shape with 12 layers, bf16,
+random weights, everything on the GPU):
+- `gpu_decode_bs1_bf16`: decode tokens/s of one sequence; bound: HBM bytes one step reads (dense
+  weights, lm_head, the K routed experts of each layer, the KV) over measured HBM GB/s.
+- `gpu_prefill_512_bf16`: tokens/s of prefilling one 512-token prompt (to its first token); bound:
+  the larger of its FLOPs over measured bf16 tensor-core TFLOP/s and the weight bytes it reads
+  (dense + every routed expert its tokens touch) over HBM GB/s.
+- `gpu_decode_c64_bf16`: aggregate decode tokens/s of 64 concurrent sequences; bound as for
+  batch 1 with the experts 64 tokens touch and 64 contexts of KV.
+Times include the whole engine step (scheduler, input preparation, sampling), as a user sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_SHAPE = "qwen3-30b-a3b"
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="HF directory (default: the benchmark model, random)."
+    )
+    parser.add_argument("--num-layers", type=int, default=12, help="Layers of the default model.")
+    parser.add_argument(
+        "--tokenizer", default=None, help="Tokenizer for the default model (a dir or .gguf)."
+    )
+    parser.add_argument("--input-len", type=int, default=128, help="Prompt tokens for decode.")
+    parser.add_argument("--output-len", type=int, default=128, help="Decode tokens measured.")
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--enforce-eager", action="store_true", help="No CUDA graphs.")
+    parser.add_argument("--profile", action="store_true", help="Print a kernel-time profile.")
+    parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
+
+
+def _bench_model(args: argparse.Namespace, work: Path) -> tuple[str, str]:
+    """(model dir, load_format): the given checkpoint, or the benchmark shape's config alone."""
+    if args.model is not None:
+        return args.model, "auto"
+    from twinfer.bench.random_model import DEFAULT_TOKENIZER, make_random_checkpoint
+
+    out = make_random_checkpoint(
+        BENCH_SHAPE,
+        work / BENCH_SHAPE,
+        num_layers=args.num_layers,
+        tokenizer_from=args.tokenizer or DEFAULT_TOKENIZER,
+        weights=False,
+    )
+    return str(out), "dummy"
+
+
+def _decode_rate(llm: Any, prompts: list[list[int]], output_len: int) -> float:
+    """Aggregate decode tokens/s: (outputs after the first) / (time after the first token).
+
+    The time to the first token (prefill) is measured on its own and taken off, best of two.
+    """
+    from twinfer import SamplingParams
+
+    def run(n: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    run(4)  # warm-up
+    first = min(run(1) for _ in range(2))
+    full = min(run(output_len) for _ in range(2))
+    return len(prompts) * (output_len - 1) / (full - first)
+
+
+def _prefill_rate(llm: Any, rng: np.random.Generator, length: int, vocab: int) -> float:
+    """Prompt tokens/s to the first token, median of 5 fresh prompts (no prefix-cache hits)."""
+    from twinfer import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+    times = []
+    for i in range(7):
+        prompt = rng.integers(100, vocab, size=length).tolist()
+        t = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        if i >= 2:  # two warm-ups
+            times.append(time.perf_counter() - t)
+    return length / statistics.median(times)
+
+
+def _profile(llm: Any, prompts: list[list[int]]) -> None:
+    """Kernel time of 16 decode steps by kernel, from the CUDA profiler (graph replays too)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from twinfer import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True, detokenize=False)
+    llm.generate(prompts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from twinfer import LLM
+    from twinfer.bench.check import ModelCost, measure_bf16_tflops, measure_hbm_gbps
+    from twinfer.bench.results import write_result
+
+    if not torch.cuda.is_available():
+        print("error: twinfer bench gpu needs a CUDA GPU; on the CPU use twinfer bench decode.")
+        return 2
+    hbm = measure_hbm_gbps()
+    tflops = measure_bf16_tflops()
+    print(f"machine: HBM {hbm:.0f} GB/s, bf16 {tflops:.0f} TFLOP/s")
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, load_format = _bench_model(args, Path(tmp))
+        cost = ModelCost.from_pretrained(model, "bfloat16")
+        max_len = max(args.input_len + args.output_len, args.prefill_len) + 16
+        llm = LLM(
+            model,
+            dtype="bfloat16",
+            load_format=load_format,
+            max_model_len=max_len,
+            max_num_seqs=max(args.concurrency, 1),
+            enforce_eager=args.enforce_eager,
+        )
+    vocab = llm.engine.info.vocab_size
+    shape = {
+        "model": BENCH_SHAPE if args.model is None else args.model,
+        "num_layers": cost.num_layers,
+        "dtype": "bfloat16",
+        "placement": "all on the GPU",
+        "cuda_graphs": llm.engine.runner.graphs is not None,
+        "attention_backend": llm.engine.runner.attn_backend.name,
+        "weight_bytes": cost.weight_bytes,
+    }
+    basis = {"hbm_gbps": round(hbm, 1), "bf16_tflops": round(tflops, 1)}
+    results = []
+    for batch in (1, args.concurrency):
+        prompts = rng.integers(100, vocab, size=(batch, args.input_len)).tolist()
+        rate = _decode_rate(llm, prompts, args.output_len)
+        # Mean context over the measured steps: the prompt plus half the output.
+        context = args.input_len + args.output_len // 2
+        bound = cost.decode_bound_tokens_per_s(batch, context, hbm)
+        name = "gpu_decode_bs1_bf16" if batch == 1 else f"gpu_decode_c{batch}_bf16"
+        config = {**shape, "batch": batch, "input_len": args.input_len}
+        config["output_len"] = args.output_len
+        extra = {"bytes_per_step": round(cost.decode_bytes_per_step(batch, context))}
+        results.append(
+            write_result(
+                args.results_dir, name, rate, "tokens/s", bound, config, bound_basis=basis, **extra
+            )
+        )
+    rate = _prefill_rate(llm, rng, args.prefill_len, vocab)
+    bound = cost.prefill_bound_tokens_per_s(args.prefill_len, tflops, hbm)
+    results.append(
+        write_result(
+            args.results_dir,
+            f"gpu_prefill_{args.prefill_len}_bf16",
+            rate,
+            "tokens/s",
+            bound,
+            {**shape, "prompt_len": args.prefill_len},
+            bound_basis=basis,
+            flops=cost.prefill_flops(args.prefill_len),
+        )
+    )
+    if args.profile:
+        _profile(llm, rng.integers(100, vocab, size=(1, args.input_len)).tolist())
+        _profile(llm, rng.integers(100, vocab, size=(args.concurrency, args.input_len)).tolist())
+    return 0

@@ -55,7 +55,12 @@ def test_cuda_path_matches_transformers(tiny_checkpoints, shape, dtype) -> None:
     theirs = _hf_greedy(path, getattr(torch, dtype), PROMPTS)
     for chunk in (None, 64):
         llm = LLM(
-            str(path), device="cuda", dtype=dtype, max_model_len=2048, max_num_batched_tokens=chunk
+            str(path),
+            device="cuda",
+            dtype=dtype,
+            max_model_len=2048,
+            max_num_seqs=8,
+            max_num_batched_tokens=chunk,
         )
         assert llm.engine.core.runner.graphs is not None
         for prompt, ours, hf in zip(PROMPTS, _ours(llm, PROMPTS), theirs, strict=True):

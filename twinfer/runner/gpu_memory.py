@@ -103,16 +103,8 @@ def profile_activation_peak(runner, num_tokens: int, num_seqs: int) -> int:
         for layer, cache in zip(layers, saved, strict=True):
             layer.kv_cache = cache
     # The scratch cache is not an activation: it is what the real cache will hold.
-    scratch = (
-        sum(
-            runner.attn_backend.kv_cache_shape(
-                layer.kv_cache_spec(runner.info.dtype), 1, bs
-            ).numel()
-            for layer in layers
-        )
-        * torch.empty((), dtype=runner.info.dtype).element_size()
-        * scratch_blocks
-    )
+    per_token = sum(layer.kv_cache_spec(runner.info.dtype).bytes_per_token for layer in layers)
+    scratch = scratch_blocks * bs * per_token
     torch.cuda.empty_cache()
     return max(0, peak - scratch)
 

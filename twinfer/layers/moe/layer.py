@@ -125,10 +125,8 @@ class MoELayer(nn.Module):
         top-k router."""
         router_logits = self.gate(hidden)  # [T, E] in the model dtype, like HF
         if (ops := cuda_moe_ops(hidden)) is not None:  # softmax, top-k, renormalize: one kernel
-            topk_weights, topk_ids = ops.fused_topk(router_logits, self.top_k, self.renormalize)
-            if self.cast_routing_weights:
-                topk_weights = topk_weights.to(hidden.dtype)
-            return topk_weights, topk_ids
+            dtype = hidden.dtype if self.cast_routing_weights else torch.float32
+            return ops.fused_topk(router_logits, self.top_k, self.renormalize, dtype)
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
         topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
         if self.renormalize:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -376,25 +375,3 @@ def test_gpu_cuda_graph_replays_a_chain_of_fused_ops() -> None:
         want_hidden, want_res = norm(x, residual)
         torch.testing.assert_close(static_outs[0], want_hidden, **BF16_TOL)
         assert torch.equal(static_outs[1], want_res)
-
-
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("bias", [False, True])
-def test_gemv_matches_linear(m: int, bias: bool) -> None:
-    """Small-M linear layers (decode) on the GEMV kernel equal F.linear (float32, odd N and K)."""
-    gen = torch.Generator().manual_seed(m)
-    x = torch.randn(m, 200, generator=gen)
-    w = torch.randn(37, 200, generator=gen)
-    b = torch.randn(37, generator=gen) if bias else None
-    torch.testing.assert_close(fused_ops.gemv(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="at most"):
-        fused_ops.gemv(torch.randn(fused_ops.GEMV_MAX_ROWS + 1, 200), w)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 8])
-def test_gemv_bf16_on_gpu(m: int) -> None:
-    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) / 64
-    ref = F.linear(x.float(), w.float())
-    torch.testing.assert_close(fused_ops.gemv(x, w).float(), ref, atol=2e-2, rtol=1e-2)

@@ -93,21 +93,48 @@ def _prefill_rate(llm: Any, rng: np.random.Generator, length: int, vocab: int) -
     return length / statistics.median(times)
 
 
-def _profile(llm: Any, prompts: list[list[int]]) -> None:
-    """Kernel time of 16 decode steps by kernel, from the CUDA profiler (graph replays too)."""
+def _profile(llm: Any, prompts: list[list[int]]) -> dict[str, float]:
+    """Where a decode step's time goes: wall time per step against the GPU's kernel time per
+    step (the difference is time the GPU waits for the host), and the kernels by total time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from twinfer import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True, detokenize=False)
-    llm.generate(prompts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        llm.generate(prompts, params, use_tqdm=False)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True, detokenize=False)
+    ids = [f"profile-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(rid, prompt, params)
+    try:
+        while any(
+            r.num_computed_tokens < r.num_prompt_tokens
+            for r in engine.core.scheduler.requests.values()
+        ):
+            engine.step()  # prefill
+        steps = 32
         torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = (time.perf_counter() - start) / steps
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+    finally:
+        for rid in ids:
+            engine.abort_request(rid)
+        while engine.has_unfinished_requests():
+            engine.step()
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / steps / 1e6  # s per step
     print(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+        f"decode step, batch {len(prompts)}: wall {wall * 1e3:.3f} ms, GPU kernels "
+        f"{gpu * 1e3:.3f} ms, GPU waiting for the host {(wall - gpu) * 1e3:.3f} ms"
     )
+    print(events.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
+    return {"step_wall_ms": wall * 1e3, "step_gpu_ms": gpu * 1e3}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -157,7 +184,11 @@ def main(args: argparse.Namespace) -> int:
         name = "gpu_decode_bs1_bf16" if batch == 1 else f"gpu_decode_c{batch}_bf16"
         config = {**shape, "batch": batch, "input_len": args.input_len}
         config["output_len"] = args.output_len
-        extra = {"bytes_per_step": round(cost.decode_bytes_per_step(batch, context))}
+        extra: dict[str, Any] = {
+            "bytes_per_step": round(cost.decode_bytes_per_step(batch, context))
+        }
+        if args.profile:
+            extra.update(_profile(llm, prompts))
         results.append(
             write_result(
                 args.results_dir, name, rate, "tokens/s", bound, config, bound_basis=basis, **extra
@@ -177,7 +208,4 @@ def main(args: argparse.Namespace) -> int:
             flops=cost.prefill_flops(args.prefill_len),
         )
     )
-    if args.profile:
-        _profile(llm, rng.integers(100, vocab, size=(1, args.input_len)).tolist())
-        _profile(llm, rng.integers(100, vocab, size=(args.concurrency, args.input_len)).tolist())
     return 0

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twinfer.layers.cuda_ops import cuda_ops
 from twinfer.parallel import ParallelConfig
 
 
@@ -159,8 +158,6 @@ class LinearBase(nn.Module):
             return int4_linear(x, self.int4_weight, bias)
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, bias)
-        if x.dim() == 2 and (ops := cuda_ops(x)) is not None and x.shape[0] <= ops.GEMV_MAX_ROWS:
-            return ops.gemv(x, self.weight, bias)  # decode of a few sequences: HBM-bound
         return F.linear(x, self.weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ step() { local limit=$1; shift; echo "=== $* ($(date +%T))" | tee -a "$log"
 part=${1:-all}
 step 30 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 if [[ $part == all || $part == tests ]]; then
-  step "${LIMIT_TESTS:-300}" python -m pytest -m gpu -q -p no:cacheprovider tests --ignore=tests/server
+  step "${LIMIT_TESTS:-300}" python -m pytest -m gpu -q -p no:cacheprovider -n "${TEST_WORKERS:-4}" --durations=15 tests --ignore=tests/server
 fi
 if [[ $part == all || $part == kernels ]]; then
   step 60 python scripts/bench_fused_ops.py

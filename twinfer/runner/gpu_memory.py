@@ -2,10 +2,12 @@
 
 Legend: `T` tokens of the profiling step, `S` its sequences, `V` vocab.
 
-The budget is `gpu_memory_utilization` x total memory. From it go everything already on the
-device (CUDA context, weights, other processes), the activation peak of the largest step the
-scheduler can send (`max_num_batched_tokens` tokens, then logits for `max_num_seqs` rows), and a
-reserve for the CUDA graphs' memory pool; the KV cache gets the rest.
+The budget is `gpu_memory_utilization` x total memory, for this process alone (vLLM's meaning:
+another process on the same GPU does not shrink it, it only bounds what is free). From it go
+what this process holds (weights, CUDA context, cuBLAS workspaces), the activation peak of the
+largest step the scheduler can send (`max_num_batched_tokens` tokens, then logits for
+`max_num_seqs` rows), and a reserve for the CUDA graphs' memory pool; the KV cache gets the rest,
+and never more than is actually free.
 """
 
 from __future__ import annotations
@@ -24,27 +26,50 @@ logger = logging.getLogger(__name__)
 CUDA_GRAPH_RESERVE_BYTES = 512 * 2**20
 
 
+# What free memory must keep after the KV cache: allocator slack and late small allocations.
+FREE_MARGIN_BYTES = 256 * 2**20
+
+
+def others_baseline(device: torch.device) -> int:
+    """Device memory not ours at start-up (other processes, plus our CUDA context): measured
+    before the weights load so that what this process adds later can be told apart."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
 @dataclass(slots=True)
 class GpuMemoryPlan:
     total: int
-    in_use: int  # context, weights, other processes: what the device holds before activations
+    free: int  # free on the device after profiling (others' use counts here)
+    ours: int  # weights, workspaces, this process's non-torch growth
     activation_peak: int
     graph_reserve: int
     utilization: float
 
     @property
-    def kv_bytes(self) -> int:
+    def _by_budget(self) -> int:
         budget = int(self.total * self.utilization)
-        return budget - self.in_use - self.activation_peak - self.graph_reserve
+        return budget - self.ours - self.activation_peak - self.graph_reserve
+
+    @property
+    def _by_free(self) -> int:
+        return self.free - self.activation_peak - self.graph_reserve - FREE_MARGIN_BYTES
+
+    @property
+    def kv_bytes(self) -> int:
+        return min(self._by_budget, self._by_free)
 
     def describe(self) -> str:
         gib = 2**30
-        return (
+        text = (
             f"gpu_memory_utilization {self.utilization} x {self.total / gib:.1f} GiB = "
-            f"{self.total * self.utilization / gib:.2f} GiB, less {self.in_use / gib:.2f} GiB in "
-            f"use (weights, CUDA context, other processes), {self.activation_peak / gib:.2f} GiB "
-            f"of activations and {self.graph_reserve / gib:.2f} GiB for CUDA graphs"
+            f"{self.total * self.utilization / gib:.2f} GiB, less {self.ours / gib:.2f} GiB of "
+            f"weights and workspaces, {self.activation_peak / gib:.2f} GiB of activations and "
+            f"{self.graph_reserve / gib:.2f} GiB for CUDA graphs"
         )
+        if self._by_free < self._by_budget:
+            text += f"; only {self.free / gib:.2f} GiB is free (other processes use the GPU)"
+        return text
 
 
 @torch.inference_mode()
@@ -109,14 +134,16 @@ def profile_activation_peak(runner, num_tokens: int, num_seqs: int) -> int:
     return max(0, peak - scratch)
 
 
-def plan_gpu_memory(runner, use_graphs: bool) -> GpuMemoryPlan:
+def plan_gpu_memory(runner, use_graphs: bool, baseline: int) -> GpuMemoryPlan:
+    """`baseline`: others_baseline() taken before the weights were loaded."""
     config = runner.config
     tokens = config.resolved_max_num_batched_tokens(runner.device)
     peak = profile_activation_peak(runner, tokens, config.max_num_seqs)
     free, total = torch.cuda.mem_get_info(runner.device)
     plan = GpuMemoryPlan(
         total=total,
-        in_use=total - free,
+        free=free,
+        ours=total - free - baseline,
         activation_peak=peak,
         graph_reserve=CUDA_GRAPH_RESERVE_BYTES if use_graphs else 0,
         utilization=config.gpu_memory_utilization,

@@ -21,7 +21,7 @@ from twinfer.layers.attention import (
 from twinfer.layers.moe import MoELayer
 from twinfer.loader.model_loader import ModelInfo, load_model
 from twinfer.runner.cuda_graphs import CudaGraphRunner
-from twinfer.runner.gpu_memory import plan_gpu_memory
+from twinfer.runner.gpu_memory import others_baseline, plan_gpu_memory
 from twinfer.runner.sampler import Sampler, SamplingMetadata, compute_token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class ModelRunner:
         self.info = info
         self.device = info.device
         self.block_size = config.block_size
+        self.gpu_baseline = others_baseline(self.device) if self.device.type == "cuda" else 0
         self.model = model if model is not None else load_model(info)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         # NOTE: the runner picks the kernels for its device; model files never name a backend.
@@ -78,7 +79,7 @@ class ModelRunner:
         elif self.config.kv_cache_memory_bytes is not None:
             num_blocks = self.config.kv_cache_memory_bytes // per_block
         elif self.device.type == "cuda":
-            plan = plan_gpu_memory(self, self.use_cuda_graphs)
+            plan = plan_gpu_memory(self, self.use_cuda_graphs, self.gpu_baseline)
             num_blocks = plan.kv_bytes // per_block
         else:
             want = self.config.max_num_seqs * self.info.max_model_len * per_block // self.block_size

@@ -2,9 +2,9 @@
 
 Legend: `T` tokens of the profiling step, `S` its sequences, `V` vocab.
 
-The budget is `gpu_memory_utilization` x total memory, for this process alone (vLLM's meaning:
+The budget is `gpu_memory_utilization` x total memory, for this engine alone (vLLM's meaning:
 another process on the same GPU does not shrink it, it only bounds what is free). From it go
-what this process holds (weights, CUDA context, cuBLAS workspaces), the activation peak of the
+what the engine adds to the device (weights, cuBLAS workspaces), the activation peak of the
 largest step the scheduler can send (`max_num_batched_tokens` tokens, then logits for
 `max_num_seqs` rows), and a reserve for the CUDA graphs' memory pool; the KV cache gets the rest,
 and never more than is actually free.
@@ -30,18 +30,19 @@ CUDA_GRAPH_RESERVE_BYTES = 512 * 2**20
 FREE_MARGIN_BYTES = 256 * 2**20
 
 
-def others_baseline(device: torch.device) -> int:
-    """Device memory not ours at start-up (other processes, plus our CUDA context): measured
-    before the weights load so that what this process adds later can be told apart."""
+def memory_in_use(device: torch.device) -> int:
+    """Device memory in use before this engine loads (other processes, the CUDA context, and
+    anything this process already holds): what the engine adds later is measured against it."""
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    return total - free - torch.cuda.memory_reserved(device)
+    return total - free
 
 
 @dataclass(slots=True)
 class GpuMemoryPlan:
     total: int
     free: int  # free on the device after profiling (others' use counts here)
-    ours: int  # weights, workspaces, this process's non-torch growth
+    ours: int  # what this engine added: weights, workspaces, non-torch growth
     activation_peak: int
     graph_reserve: int
     utilization: float
@@ -135,7 +136,7 @@ def profile_activation_peak(runner, num_tokens: int, num_seqs: int) -> int:
 
 
 def plan_gpu_memory(runner, use_graphs: bool, baseline: int) -> GpuMemoryPlan:
-    """`baseline`: others_baseline() taken before the weights were loaded."""
+    """`baseline`: memory_in_use() taken before the weights were loaded."""
     config = runner.config
     tokens = config.resolved_max_num_batched_tokens(runner.device)
     peak = profile_activation_peak(runner, tokens, config.max_num_seqs)

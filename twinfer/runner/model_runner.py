@@ -21,7 +21,7 @@ from twinfer.layers.attention import (
 from twinfer.layers.moe import MoELayer
 from twinfer.loader.model_loader import ModelInfo, load_model
 from twinfer.runner.cuda_graphs import CudaGraphRunner
-from twinfer.runner.gpu_memory import others_baseline, plan_gpu_memory
+from twinfer.runner.gpu_memory import memory_in_use, plan_gpu_memory
 from twinfer.runner.sampler import Sampler, SamplingMetadata, compute_token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class ModelRunner:
         self.info = info
         self.device = info.device
         self.block_size = config.block_size
-        self.gpu_baseline = others_baseline(self.device) if self.device.type == "cuda" else 0
+        self.gpu_baseline = memory_in_use(self.device) if self.device.type == "cuda" else 0
         self.model = model if model is not None else load_model(info)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         # NOTE: the runner picks the kernels for its device; model files never name a backend.
@@ -226,7 +226,12 @@ class ModelRunner:
             return self.model(ids, pos)
 
     def _sample(self, hidden, rows, reqs, by_request) -> None:
-        logits = self.model.compute_logits(hidden[rows])  # [N, V] float32
+        # NOTE: a decode step samples every row: no index tensor, whose host-to-device copy
+        # would block the host until the GPU finished the step and leave the GPU idle while
+        # the host then launched the sampler (0.3 ms a step on the H100).
+        if rows != list(range(hidden.shape[0])):
+            hidden = hidden[rows]
+        logits = self.model.compute_logits(hidden)  # [N, V] float32
         for req in reqs:
             seed = req.sampling_params.seed
             if seed is not None and req.request_id not in self.generators:

@@ -31,11 +31,11 @@ FREE_MARGIN_BYTES = 256 * 2**20
 
 
 def memory_in_use(device: torch.device) -> int:
-    """Device memory in use before this engine loads (other processes, the CUDA context, and
-    anything this process already holds): what the engine adds later is measured against it."""
+    """This process's device memory before the engine loads; what the engine adds is measured
+    against it. NOTE: torch's own counter, not the device's free memory, so that other processes
+    allocating meanwhile are not counted as ours (they only bound what is free)."""
     torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
-    return total - free
+    return torch.cuda.memory_reserved(device)
 
 
 @dataclass(slots=True)
@@ -144,7 +144,7 @@ def plan_gpu_memory(runner, use_graphs: bool, baseline: int) -> GpuMemoryPlan:
     plan = GpuMemoryPlan(
         total=total,
         free=free,
-        ours=total - free - baseline,
+        ours=torch.cuda.memory_reserved(runner.device) - baseline,
         activation_peak=peak,
         graph_reserve=CUDA_GRAPH_RESERVE_BYTES if use_graphs else 0,
         utilization=config.gpu_memory_utilization,

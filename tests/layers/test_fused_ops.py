@@ -375,3 +375,26 @@ def test_gpu_cuda_graph_replays_a_chain_of_fused_ops() -> None:
         want_hidden, want_res = norm(x, residual)
         torch.testing.assert_close(static_outs[0], want_hidden, **BF16_TOL)
         assert torch.equal(static_outs[1], want_res)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(37, 200), (5, 1100)])
+def test_gemv_matches_linear(n: int, k: int, bias: bool) -> None:
+    """Batch-1 linear layers on the GEMV kernel equal F.linear (float32; odd N, K past a tile)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled there, interpreted here
+    gen = torch.Generator(device).manual_seed(n)
+    x = torch.randn(1, k, generator=gen, device=device)
+    w = torch.randn(n, k, generator=gen, device=device)
+    b = torch.randn(n, generator=gen, device=device) if bias else None
+    expected = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(fused_ops.gemv(x, w, b), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one row"):
+        fused_ops.gemv(torch.randn(2, k, device=device), w)
+
+
+@pytest.mark.gpu
+def test_gemv_bf16_on_gpu() -> None:
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    ref = torch.nn.functional.linear(x.float(), w.float())
+    torch.testing.assert_close(fused_ops.gemv(x, w).float(), ref, atol=2e-2, rtol=1e-2)

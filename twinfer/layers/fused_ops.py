@@ -312,3 +312,53 @@ def silu_and_mul(x: Tensor) -> Tensor:
         num_warps=max(1, min(4, block // 256)),
     )  # fmt: skip
     return out
+
+
+# ---- GEMV: one-row linear layers (decode of one sequence) -------------------------------------
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, n, k, w_stride,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    # NOTE: products accumulate elementwise and are reduced once at the end: a reduction per
+    # step (the first version) made the loop shuffle-bound and slower than cuBLAS.
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k
+        w = tl.load(
+            w_ptr + offs_n[:, None].to(tl.int64) * w_stride + offs_k[None, :],
+            mask=mask_n[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # [BN, BK]
+        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0)  # [BK]
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    out = tl.sum(acc, axis=1)  # [BN]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N], float32 accumulation, one rounding.
+
+    NOTE: measured on the H100 against cuBLAS at batch 1 (CUDA-graph replays, bf16): a 2048 ->
+    128 router 3.1 us vs 4.8, a 4096 -> 2048 o_proj 9.5 vs 10.0 (cuBLAS splits K and adds a
+    reduce kernel), a 2048 -> 5120 qkv 10.0 vs 9.9. BLOCK_N 4 x BLOCK_K 512 won the sweep.
+    """
+    if x.shape[0] != 1:
+        raise ValueError(f"gemv takes one row, got {x.shape[0]}; use F.linear")
+    k = x.shape[1]
+    n = weight.shape[0]
+    x = x if x.is_contiguous() else x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    block_k = min(512, max(16, triton.next_power_of_2(k)))
+    _gemv_kernel[(triton.cdiv(n, 4),)](
+        x, weight, bias if bias is not None else x, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=4, BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    return out

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twinfer.layers.cuda_ops import cuda_ops
 from twinfer.parallel import ParallelConfig
 
 
@@ -158,6 +159,8 @@ class LinearBase(nn.Module):
             return int4_linear(x, self.int4_weight, bias)
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, bias)
+        if x.dim() == 2 and x.shape[0] == 1 and (ops := cuda_ops(x)) is not None:
+            return ops.gemv(x, self.weight, bias)  # decode of one sequence: one streaming kernel
         return F.linear(x, self.weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -76,14 +76,15 @@ class ParallelLMHead(VocabParallelEmbedding):
         # NOTE: the plain weight stays: a tied embedding still looks rows up in it.
         self.packed_weight = cpu_prepack(self.weight)
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """[N, H] -> [N, V] float32 logits."""
+    def compute_logits(self, hidden: Tensor, float32: bool = True) -> Tensor:
+        """[N, H] -> [N, V] logits, float32 (or the model dtype with float32=False)."""
         if self.packed_weight is not None:
             logits = packed_linear(hidden, self.packed_weight, None)  # [N, V/tp]
         else:
             logits = F.linear(hidden, self.weight)  # [N, V/tp] in the model dtype, as HF's lm_head
         logits = tp_all_gather(logits, self.parallel)  # [N, V padded]
-        return logits[:, : self.num_embeddings].to(torch.float32)
+        logits = logits[:, : self.num_embeddings]
+        return logits.to(torch.float32) if float32 else logits
 
     def forward(self, input_ids: Tensor) -> Tensor:
         raise RuntimeError("ParallelLMHead is not an embedding; call compute_logits(hidden).")

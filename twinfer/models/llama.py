@@ -224,9 +224,9 @@ class LlamaForCausalLM(nn.Module):
         """input_ids [T], positions [T] (int64) -> hidden [T, H]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [N, H] -> logits [N, V] float32."""
-        return self.lm_head.compute_logits(hidden)
+    def compute_logits(self, hidden: Tensor, float32: bool = True) -> Tensor:
+        """hidden [N, H] -> logits [N, V], float32 (or the model dtype with float32=False)."""
+        return self.lm_head.compute_logits(hidden, float32)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         """Load HF-named tensors; returns the parameter names filled completely."""

@@ -69,6 +69,16 @@ class SamplingMetadata:
     max_num_logprobs: int | None = None  # n of the top-n logprobs; None when no row asked
     logprob_rows: torch.Tensor | None = None  # [L] int64 rows that asked; None: all rows
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row takes the argmax of the raw logits: no penalty, mask or logprobs."""
+        return (
+            self.all_greedy
+            and self.penalty_rows is None
+            and self.min_tokens_rows is None
+            and self.max_num_logprobs is None
+        )
+
     @classmethod
     def build(
         cls,
@@ -157,6 +167,10 @@ class SamplerOutput:
 
 class Sampler:
     """Samples one token per row. NOTE: like vLLM, it may modify float32 `logits` in place."""
+
+    def greedy(self, logits: torch.Tensor) -> SamplerOutput:
+        """The argmax of each row, for a `plain_greedy` batch (logits in any float dtype)."""
+        return SamplerOutput(sampled_token_ids=_argmax(logits))
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         md = metadata

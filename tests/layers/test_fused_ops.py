@@ -12,6 +12,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+# The CPU-tensor tests here run in the interpreter; GPU tests (marked gpu) run on CUDA.
+pytestmark = pytest.mark.triton_interpreter
 
 from twinfer.layers import fused_ops  # noqa: E402
 from twinfer.layers.activation import silu_and_mul  # noqa: E402

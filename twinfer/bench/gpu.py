@@ -141,7 +141,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from twinfer import LLM
-    from twinfer.bench.check import ModelCost, measure_bf16_tflops, measure_hbm_gbps
+    from twinfer.bench.check import measure_bf16_tflops, measure_hbm_gbps
+    from twinfer.bench.model_cost import ModelCost
     from twinfer.bench.results import write_result
 
     if not torch.cuda.is_available():

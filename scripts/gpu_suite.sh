@@ -2,6 +2,7 @@
 # The GPU suite, for a machine with a CUDA GPU: the `gpu`-marked tests, the kernel micro-benchmarks,
 # `twinfer check`, and `twinfer bench gpu` (JSON results). Everything is logged to $OUT/suite.log.
 #   OUT=gpu-logs TOKENIZER=path/to/tokenizer bash scripts/gpu_suite.sh [all|tests|kernels|bench]
+# Set TWINFER_COMMIT to the commit under test where the tree was copied without its git metadata.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-logs}

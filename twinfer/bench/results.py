@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -26,6 +27,10 @@ def machine() -> dict[str, Any]:
 
 
 def git_commit() -> str:
+    """The commit measured: $TWINFER_COMMIT when set (a copied tree's git metadata can be stale,
+    as on a lent GPU machine), else `git rev-parse`."""
+    if os.environ.get("TWINFER_COMMIT"):
+        return os.environ["TWINFER_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True

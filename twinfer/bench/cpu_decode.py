@@ -34,18 +34,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-hf", action="store_true", help="Do not run the baseline.")
 
 
-def measure_dram_gbps(nbytes: int = 2 * 2**30) -> float:
-    """Read bandwidth with all threads: sum over a buffer far larger than the caches."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    x.sum()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return nbytes / best / 1e9
-
-
 def measure_matmul_gflops(dtype: torch.dtype, n: int = 2048) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
@@ -96,7 +84,7 @@ def _weight_formats(model: torch.nn.Module) -> dict[str, int]:
     return formats
 
 
-def _decode_rate(run, num_prompts: int, output_len: int, repeats: int = 2) -> float:
+def decode_rate(run, num_prompts: int, output_len: int, repeats: int = 2) -> float:
     """Decode tokens/s from `run(n)` = seconds to generate n tokens for every prompt.
 
     (outputs - first tokens) over (time with all outputs - time to the first token), best of
@@ -117,7 +105,7 @@ def _twinfer_rate(llm: Any, prompts: list[str], output_len: int) -> float:
         llm.generate(prompts, params, use_tqdm=False)
         return time.perf_counter() - t
 
-    return _decode_rate(run, len(prompts), output_len)
+    return decode_rate(run, len(prompts), output_len)
 
 
 def _hf_rate(model: Any, tok: Any, prompts: list[str], output_len: int) -> float:
@@ -133,7 +121,7 @@ def _hf_rate(model: Any, tok: Any, prompts: list[str], output_len: int) -> float
             model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return time.perf_counter() - t
 
-    return _decode_rate(run, len(prompts), output_len)
+    return decode_rate(run, len(prompts), output_len)
 
 
 def _load_hf(model: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -150,6 +138,7 @@ def _load_hf(model: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
 
 def main(args: argparse.Namespace) -> int:
     from twinfer import LLM
+    from twinfer.bench.check import measure_dram_gbps
     from twinfer.bench.results import write_result
 
     llm = LLM(args.model, max_num_seqs=max(args.concurrency, 1))
@@ -157,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
     weights = step_weight_bytes(engine.runner.model)
     n_params = engine.info.weight_bytes // engine.info.dtype.itemsize
     dtype = engine.info.dtype
-    gbps = measure_dram_gbps()
+    gbps, _ = measure_dram_gbps()
     gflops = measure_matmul_gflops(dtype)
     print(
         f"machine: DRAM read {gbps:.1f} GB/s, {dtype} matmul {gflops:.0f} GFLOP/s, "

@@ -60,11 +60,9 @@ def _bench_model(args: argparse.Namespace, work: Path) -> tuple[str, str]:
 
 
 def _decode_rate(llm: Any, prompts: list[list[int]], output_len: int) -> float:
-    """Aggregate decode tokens/s: (outputs after the first) / (time after the first token).
-
-    The time to the first token (prefill) is measured on its own and taken off, best of two.
-    """
+    """Aggregate decode tokens/s, prefill taken off (cpu_decode.decode_rate's method)."""
     from twinfer import SamplingParams
+    from twinfer.bench.cpu_decode import decode_rate
 
     def run(n: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
@@ -72,10 +70,7 @@ def _decode_rate(llm: Any, prompts: list[list[int]], output_len: int) -> float:
         llm.generate(prompts, params, use_tqdm=False)
         return time.perf_counter() - t
 
-    run(4)  # warm-up
-    first = min(run(1) for _ in range(2))
-    full = min(run(output_len) for _ in range(2))
-    return len(prompts) * (output_len - 1) / (full - first)
+    return decode_rate(run, len(prompts), output_len)
 
 
 def _prefill_rate(llm: Any, rng: np.random.Generator, length: int, vocab: int) -> float:

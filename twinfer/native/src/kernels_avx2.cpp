@@ -1,0 +1,209 @@
+// AVX2 + FMA + F16C kernels (level avx2): the AVX-512 scheme on 8-lane registers.
+//
+// Legend: R rows, C cols, n tokens, RB = 16 rows per packed block = two ymm halves h = 0, 1
+// (rows 16b..16b+7, 16b+8..16b+15), TB tokens per pass (<= 4: 16 ymm registers), NA accumulators.
+//
+// A step widens a 64/128-byte slice of the block into C columns x 2 halves of f32 and does
+// TB x C x 2 FMAs with broadcasts of x[t][c]. Rows stay in their lanes: the row split never
+// changes a bit. INT4 has no 16-entry permute on ymm, so a nibble is shift, and, -8, convert.
+// NOTE: no std:: templates here (see kernels_impl.h).
+#include <immintrin.h>
+
+#include "kernels_impl.h"
+
+namespace twinfer::detail {
+
+namespace {
+
+constexpr int kMaxTB = 4;
+constexpr int kPrefetch = 2048;  // bytes ahead of the line being decoded
+#define TW_INLINE inline __attribute__((always_inline))
+
+struct DecF32 {
+  static constexpr int C = 4;
+  static constexpr int kStepBytes = 256;
+  const uint8_t* p;
+  TW_INLINE void operator()(int s, __m256 (*w)[2]) const {
+    const float* q = reinterpret_cast<const float*>(p + static_cast<size_t>(s) * 256);
+    for (int j = 0; j < 4; ++j)
+      for (int h = 0; h < 2; ++h) w[j][h] = _mm256_loadu_ps(q + 16 * j + 8 * h);
+  }
+};
+
+struct DecF16 {
+  static constexpr int C = 4;
+  static constexpr int kStepBytes = 128;
+  const uint8_t* p;
+  TW_INLINE void operator()(int s, __m256 (*w)[2]) const {
+    const uint8_t* q = p + static_cast<size_t>(s) * 128;
+    for (int j = 0; j < 4; ++j)
+      for (int h = 0; h < 2; ++h)
+        w[j][h] = _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * j + 16 * h)));
+  }
+};
+
+struct DecBF16 {
+  static constexpr int C = 4;
+  static constexpr int kStepBytes = 128;
+  const uint8_t* p;
+  TW_INLINE void operator()(int s, __m256 (*w)[2]) const {
+    const uint8_t* q = p + static_cast<size_t>(s) * 128;
+    const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    for (int l = 0; l < 2; ++l)
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * l + 32 * h));
+        w[2 * l][h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        w[2 * l + 1][h] = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
+      }
+  }
+};
+
+struct DecI8 {
+  static constexpr int C = 4;
+  static constexpr int kStepBytes = 64;
+  const uint8_t* p;
+  TW_INLINE void operator()(int s, __m256 (*w)[2]) const {
+    const uint8_t* q = p + static_cast<size_t>(s) * 64;
+    for (int j = 0; j < 4; ++j)
+      for (int h = 0; h < 2; ++h)
+        w[j][h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 16 * j + 8 * h))));
+  }
+};
+
+struct DecI4 {
+  static constexpr int C = 8;
+  static constexpr int kStepBytes = 64;
+  const uint8_t* p;
+  TW_INLINE void operator()(int s, __m256 (*w)[2]) const {
+    static constexpr int kShift[8] = {0, 16, 4, 20, 8, 24, 12, 28};  // col j's nibble (pack.cpp)
+    const __m256i nib = _mm256_set1_epi32(0xf), eight = _mm256_set1_epi32(8);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(p + static_cast<size_t>(s) * 64 + 32 * h));
+      for (int j = 0; j < 8; ++j)
+        w[j][h] = _mm256_cvtepi32_ps(_mm256_sub_epi32(
+            _mm256_and_si256(_mm256_srli_epi32(v, kShift[j]), nib), eight));
+    }
+  }
+};
+
+template <int TB, int NA, bool kTail, class Dec>
+TW_INLINE void dot_steps(const Dec& dec, int s0, int s1, const float* x, size_t ldx, int cols,
+                         __m256 (&acc)[TB][NA][2]) {
+  for (int s = s0; s < s1; ++s) {
+    // NOTE: as in the AVX-512 kernel: 2 KiB ahead into L1 keeps DRAM busy during the FMAs.
+    const char* ahead = reinterpret_cast<const char*>(dec.p) + size_t(s) * Dec::kStepBytes;
+    for (int l = 0; l < Dec::kStepBytes; l += 64) _mm_prefetch(ahead + l + kPrefetch, _MM_HINT_T0);
+    __m256 w[Dec::C][2];
+    dec(s, w);
+    const int c0 = s * Dec::C;
+#pragma GCC unroll 8
+    for (int j = 0; j < Dec::C; ++j) {
+#pragma GCC unroll 4
+      for (int t = 0; t < TB; ++t) {
+        const float* xt = x + static_cast<size_t>(t) * ldx + c0 + j;
+        const __m256 xv = _mm256_set1_ps(kTail ? (c0 + j < cols ? *xt : 0.f) : *xt);
+        for (int h = 0; h < 2; ++h)
+          acc[t][j % NA][h] = _mm256_fmadd_ps(w[j][h], xv, acc[t][j % NA][h]);
+      }
+    }
+  }
+}
+
+template <int TB, int NA>
+TW_INLINE void zero(__m256 (&acc)[TB][NA][2]) {
+  for (int t = 0; t < TB; ++t)
+    for (int a = 0; a < NA; ++a) acc[t][a][0] = acc[t][a][1] = _mm256_setzero_ps();
+}
+
+template <int NA>
+TW_INLINE __m256 reduce(const __m256 (&a)[NA][2], int h) {
+  if constexpr (NA == 2) return _mm256_add_ps(a[0][h], a[1][h]);
+  else return a[0][h];
+}
+
+template <int TB, int NA, class Dec>
+TW_INLINE void run_plain(const Dec& dec, const float* x, size_t ldx, int cols,
+                         __m256 (&acc)[TB][NA][2]) {
+  const int full = cols / Dec::C;
+  dot_steps<TB, NA, false>(dec, 0, full, x, ldx, cols, acc);
+  if (full * Dec::C < cols) dot_steps<TB, NA, true>(dec, full, full + 1, x, ldx, cols, acc);
+}
+
+// out[t * 16 + i] = row 16b + i for token t of this pass.
+template <int TB>
+void block_tokens(const PackedLayout& lay, const Geom& g, const uint8_t* blk, const float* x,
+                  size_t ldx, float* out) {
+  constexpr int NA = TB == 1 ? 2 : 1;
+  const int cols = lay.cols;
+  __m256 acc[TB][NA][2];
+  zero(acc);
+  switch (lay.format) {
+    case WFormat::F32: run_plain(DecF32{blk}, x, ldx, cols, acc); break;
+    case WFormat::F16: run_plain(DecF16{blk}, x, ldx, cols, acc); break;
+    case WFormat::BF16: run_plain(DecBF16{blk}, x, ldx, cols, acc); break;
+    case WFormat::INT8: {
+      run_plain(DecI8{blk}, x, ldx, cols, acc);
+      const float* sc = reinterpret_cast<const float*>(blk + 16 * static_cast<size_t>(g.kp));
+      for (int t = 0; t < TB; ++t)
+        for (int h = 0; h < 2; ++h)
+          _mm256_storeu_ps(out + t * 16 + 8 * h,
+                           _mm256_mul_ps(reduce<NA>(acc[t], h), _mm256_loadu_ps(sc + 8 * h)));
+      return;
+    }
+    case WFormat::INT4: {
+      const int gs = lay.group_size, spg = gs / 8;
+      for (int i = 0; i < TB * 16; ++i) out[i] = 0.f;
+      for (int gi = 0; gi < g.groups; ++gi) {
+        const uint8_t* grp = blk + static_cast<size_t>(gi) * g.group_bytes;
+        const float* sc = reinterpret_cast<const float*>(grp + spg * 64);
+        zero(acc);
+        dot_steps<TB, NA, false>(DecI4{grp}, 0, spg, x + gi * gs, ldx, cols, acc);
+        // NOTE: the running sums live in `out` (L1): 16 ymm are too few to keep them in registers.
+        for (int t = 0; t < TB; ++t)
+          for (int h = 0; h < 2; ++h) {
+            float* o = out + t * 16 + 8 * h;
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(reduce<NA>(acc[t], h), _mm256_loadu_ps(sc + 8 * h),
+                                                _mm256_loadu_ps(o)));
+          }
+      }
+      return;
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + t * 16 + 8 * h, reduce<NA>(acc[t], h));
+}
+
+}  // namespace
+
+void matmul_avx2(const PackedLayout& lay, const void* packed, int r0, int r1,
+                 const Activations& x, float* y, int ldy) {
+  const Geom g = geom(lay);
+  const auto* base = static_cast<const uint8_t*>(packed);
+  const size_t ldx = static_cast<size_t>(x.ld);
+  alignas(32) float out[kMaxTB * kRowBlock];
+  for (int b = r0 / kRowBlock; b * kRowBlock < r1; ++b) {
+    const uint8_t* blk = base + static_cast<size_t>(b) * g.block_bytes;
+    const int first = b * kRowBlock;
+    const int lo = first > r0 ? first : r0;
+    const int hi = first + kRowBlock < r1 ? first + kRowBlock : r1;
+    for (int t0 = 0; t0 < x.n; t0 += kMaxTB) {
+      const int tb = x.n - t0 < kMaxTB ? x.n - t0 : kMaxTB;
+      const float* xt = x.f32 + static_cast<size_t>(t0) * ldx;
+      switch (tb) {
+        case 1: block_tokens<1>(lay, g, blk, xt, ldx, out); break;
+        case 2: block_tokens<2>(lay, g, blk, xt, ldx, out); break;
+        case 3: block_tokens<3>(lay, g, blk, xt, ldx, out); break;
+        default: block_tokens<4>(lay, g, blk, xt, ldx, out); break;
+      }
+      for (int t = 0; t < tb; ++t) {
+        float* yt = y + static_cast<size_t>(t0 + t) * ldy + (lo - r0);
+        for (int r = lo; r < hi; ++r) yt[r - lo] = out[t * 16 + (r - first)];
+      }
+    }
+  }
+}
+
+}  // namespace twinfer::detail

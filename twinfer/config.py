@@ -24,7 +24,11 @@ _DTYPES: dict[str, torch.dtype | None] = {
 _DEVICES = ("auto", "cpu", "cuda")
 _CUDAGRAPH_MODES = ("none", "full_decode_only")
 _KERNEL_BACKENDS = ("auto", "torch", "triton")
+_MOE_BACKENDS = (*_KERNEL_BACKENDS, "native")
 _LOAD_FORMATS = ("auto", "dummy")
+MOE_CPU_DTYPES = ("keep", "bf16", "int8", "int4")
+_INT4_GROUP_SIZES = (32, 64, 128)
+_THREAD_BINDINGS = ("core", "numa")
 
 
 @dataclass(slots=True)
@@ -161,8 +165,61 @@ class EngineConfig:
     moe_backend: str = field(
         default="auto",
         metadata={
-            "help": "Expert backend: auto | torch | triton (auto: triton on a GPU, torch on "
-            "the CPU)."
+            "help": "Expert backend: auto | torch | triton | native (auto: triton on a GPU; on "
+            "the CPU the native CPU expert engine when built, else torch)."
+        },
+    )
+    cpu_moe: bool = field(
+        default=False,
+        metadata={"help": "Keep every routed expert in host RAM, run by the CPU expert engine."},
+    )
+    n_cpu_moe: int | None = field(
+        default=None,
+        metadata={"help": "Keep the routed experts of the first N MoE layers in host RAM."},
+    )
+    moe_gpu_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "MoE layers whose experts stay whole in VRAM, e.g. 0-5,40; the other "
+            "layers' routed experts go to host RAM."
+        },
+    )
+    moe_vram_budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto | GiB: VRAM for the weights; the dense part first, then whole expert "
+            "layers while they fit, the rest in host RAM (auto: what the KV reservation for "
+            "one max_model_len sequence and the activations leave)."
+        },
+    )
+    moe_cpu_dtype: str = field(
+        default="keep",
+        metadata={
+            "help": "Format of host-resident experts: keep (the model dtype) | bf16 | int8 "
+            "(per channel) | int4 (symmetric, per group)."
+        },
+    )
+    moe_cpu_group_size: int = field(
+        default=128, metadata={"help": "Group size of int4 host experts: 32 | 64 | 128."}
+    )
+    moe_cpu_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU expert threads (default: physical cores minus 2 with a GPU, all "
+            "physical cores on the CPU alone)."
+        },
+    )
+    moe_thread_binding: str = field(
+        default="core",
+        metadata={
+            "help": "core (each thread pinned to one physical core) | numa (to its node's cores)."
+        },
+    )
+    moe_cpu_power_saving: bool = field(
+        default=False,
+        metadata={
+            "help": "CPU expert threads sleep soon after a layer instead of spinning through "
+            "the GPU's part of the step (less power, a few us more per layer)."
         },
     )
     compilation_config: CompilationConfig = field(
@@ -205,12 +262,16 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}; "
                 "it is the fraction of the GPU's memory twinfer may use (default 0.9)."
             )
-        for name in ("attention_backend", "moe_backend"):
-            if getattr(self, name) not in _KERNEL_BACKENDS:
+        for name, allowed in (
+            ("attention_backend", _KERNEL_BACKENDS),
+            ("moe_backend", _MOE_BACKENDS),
+        ):
+            if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"{name} {getattr(self, name)!r} is unknown; choose one of "
-                    f"{', '.join(_KERNEL_BACKENDS)}."
+                    f"{', '.join(allowed)}."
                 )
+        self._check_moe_placement()
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(
                 f"num_gpu_blocks_override must be at least 1, got {self.num_gpu_blocks_override}."
@@ -218,6 +279,47 @@ class EngineConfig:
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size {self.tensor_parallel_size} is not supported yet; use 1."
+            )
+
+    def _check_moe_placement(self) -> None:
+        """The placement flags alone (counts against the model come in hybrid.placement)."""
+        given = [
+            flag
+            for flag, value in (
+                ("--cpu-moe", self.cpu_moe),
+                ("--n-cpu-moe", self.n_cpu_moe is not None),
+                ("--moe-gpu-layers", self.moe_gpu_layers is not None),
+                ("--moe-vram-budget", self.moe_vram_budget is not None),
+            )
+            if value
+        ]
+        if len(given) > 1:
+            raise ValueError(
+                f"{' and '.join(given)} both say where the experts go; give only one of them."
+            )
+        if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
+            raise ValueError(f"n_cpu_moe must be at least 0, got {self.n_cpu_moe}.")
+        if self.moe_gpu_layers is not None:
+            parse_layer_list(self.moe_gpu_layers)
+        if self.moe_vram_budget is not None:
+            parse_vram_budget(self.moe_vram_budget)
+        self.moe_cpu_dtype = str(self.moe_cpu_dtype).lower()
+        if self.moe_cpu_dtype not in MOE_CPU_DTYPES:
+            raise ValueError(
+                f"moe_cpu_dtype {self.moe_cpu_dtype!r} is not a format the CPU expert engine "
+                f"runs; choose one of {', '.join(MOE_CPU_DTYPES)}."
+            )
+        if self.moe_cpu_group_size not in _INT4_GROUP_SIZES:
+            raise ValueError(
+                f"moe_cpu_group_size must be one of {_INT4_GROUP_SIZES}, got "
+                f"{self.moe_cpu_group_size}."
+            )
+        if self.moe_cpu_threads is not None and self.moe_cpu_threads < 1:
+            raise ValueError(f"moe_cpu_threads must be at least 1, got {self.moe_cpu_threads}.")
+        if self.moe_thread_binding not in _THREAD_BINDINGS:
+            raise ValueError(
+                f"moe_thread_binding {self.moe_thread_binding!r} is unknown; choose one of "
+                f"{', '.join(_THREAD_BINDINGS)}."
             )
 
     @property
@@ -238,6 +340,15 @@ class EngineConfig:
         name = getattr(self, which)
         if name == "auto":
             return "triton" if device.type == "cuda" and _has_triton() else "torch"
+        if name == "native":
+            # NOTE: "native" places the experts (in host RAM, on the CPU expert engine, see
+            # hybrid/placement.py); layers left on the device use the device's backend.
+            if device.type == "cuda":
+                raise ValueError(
+                    "--moe-backend native is the CPU-only mode's expert engine; on a GPU "
+                    "machine put experts on it with --cpu-moe or --n-cpu-moe N."
+                )
+            return "torch"
         if name == "triton" and device.type != "cuda":
             raise ValueError(
                 f"--{which.replace('_', '-')} triton needs a CUDA GPU; use torch on the CPU."
@@ -278,7 +389,9 @@ class EngineConfig:
                 "dtype": list(_DTYPES),
                 "device": list(_DEVICES),
                 "attention_backend": list(_KERNEL_BACKENDS),
-                "moe_backend": list(_KERNEL_BACKENDS),
+                "moe_backend": list(_MOE_BACKENDS),
+                "moe_cpu_dtype": list(MOE_CPU_DTYPES),
+                "moe_thread_binding": list(_THREAD_BINDINGS),
                 "load_format": list(_LOAD_FORMATS),
             },
             types={"compilation_config": CompilationConfig.from_value},
@@ -389,6 +502,41 @@ def config_file_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str
         if isinstance(value, dict) and convert is not None:
             values[head] = convert(value)  # e.g. CompilationConfig.from_value names bad sub-keys
     return values
+
+
+def parse_layer_list(text: str) -> list[int]:
+    """'0-5,40' -> [0, 1, 2, 3, 4, 5, 40] (sorted, unique); a clear error on anything else."""
+    layers: set[int] = set()
+    for part in str(text).replace(" ", "").split(","):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(
+                f"moe_gpu_layers {text!r} is not a list of layers; write e.g. 0-5,40."
+            ) from None
+        if first < 0 or last < first:
+            raise ValueError(
+                f"moe_gpu_layers {text!r}: {part!r} is not a layer or an ascending range."
+            )
+        layers.update(range(first, last + 1))
+    return sorted(layers)
+
+
+def parse_vram_budget(text: str) -> float | None:
+    """'auto' -> None; '20' or '20GiB' -> 20.0 (GiB); a clear error otherwise."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        return None
+    try:
+        gib = float(value.removesuffix("gib").removesuffix("gb"))
+    except ValueError:
+        raise ValueError(
+            f"moe_vram_budget {text!r} is neither auto nor a number of GiB; write e.g. 20."
+        ) from None
+    if gib <= 0:
+        raise ValueError(f"moe_vram_budget must be positive, got {text!r}.")
+    return gib
 
 
 def _has_triton() -> bool:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from twinfer.config import EngineConfig
+from twinfer.hybrid.placement import MoEPlan, fill_vram_budget, plan_moe, use_moe_plan
 from twinfer.loader.resolve import ModelSource, resolve_model
 from twinfer.loader.safetensors import iter_safetensors, safetensors_files
 from twinfer.parallel import ParallelConfig
@@ -37,6 +38,7 @@ class ModelInfo:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     weight_bytes: int = 0  # filled by load_model
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read
+    moe_plan: MoEPlan | None = None  # where routed experts live (hybrid.placement)
 
 
 @functools.lru_cache(maxsize=2)
@@ -126,7 +128,7 @@ def model_info(config: EngineConfig) -> ModelInfo:
         for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
         if gen.get(k) is not None
     }
-    return ModelInfo(
+    info = ModelInfo(
         source=source,
         hf_config=hf_config,
         dtype=dtype,
@@ -138,6 +140,8 @@ def model_info(config: EngineConfig) -> ModelInfo:
         generation_defaults=defaults,
         load_format=config.load_format,
     )
+    info.moe_plan = plan_moe(config, info, get_model_class(list(hf_config.architectures)))
+    return info
 
 
 def _check_sliding_window(hf_config: Any, max_model_len: int) -> None:
@@ -202,14 +206,17 @@ def _keeps_int4(info: ModelInfo) -> bool:
 
 
 def _dummy_weights(model: nn.Module) -> set[str]:
-    """Random weights (vLLM's `--load-format dummy`): uniform in ±1e-3, seeded, on the device.
+    """Random weights (vLLM's `--load-format dummy`): uniform in ±1e-3, seeded, where each
+    parameter lives (the device, or host RAM for host experts).
 
     NOTE: speed does not depend on weight values, so benchmarks of a shape skip writing and
     reading a checkpoint of many GB; the small range keeps activations finite in every layer.
     """
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(0)
+    gens: dict[torch.device, torch.Generator] = {}
     for p in model.parameters():
-        p.uniform_(-1e-3, 1e-3, generator=gen)
+        if p.device not in gens:
+            gens[p.device] = torch.Generator(p.device).manual_seed(0)
+        p.uniform_(-1e-3, 1e-3, generator=gens[p.device])
     return set(dict(model.named_parameters()))
 
 
@@ -219,10 +226,13 @@ def load_model(info: ModelInfo) -> nn.Module:
 
     start = time.perf_counter()
     model_cls = get_model_class(list(info.hf_config.architectures))
+    plan = info.moe_plan
+    if plan is not None:
+        fill_vram_budget(plan, info)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(info.dtype)
     try:
-        with info.device:
+        with info.device, use_moe_plan(plan):
             model = model_cls(info.hf_config, ParallelConfig())
     finally:
         torch.set_default_dtype(previous)
@@ -248,9 +258,10 @@ def load_model(info: ModelInfo) -> nn.Module:
             from twinfer.loader.int4 import use_gguf_int4
 
             use_gguf_int4(model, open_gguf(info.source.path))
-        for module in model.modules():
-            if hasattr(module, "process_weights_after_loading"):
-                module.process_weights_after_loading()
+        with use_moe_plan(plan):  # host experts are packed for the CPU engine here
+            for module in model.modules():
+                if hasattr(module, "process_weights_after_loading"):
+                    module.process_weights_after_loading()
     logger.info(
         "loaded %s (%s) in %.1f s: %.2f GiB of %s weights on %s",
         info.source.name,
@@ -260,4 +271,7 @@ def load_model(info: ModelInfo) -> nn.Module:
         str(info.dtype).removeprefix("torch."),
         info.device,
     )
+    if plan is not None and (plan.host_layers or plan.vram_budget is not None):
+        engine = plan.cpu_engine() if plan.host_layers else None
+        logger.info("%s", plan.describe(engine.read_gbps() if engine else None))
     return model

@@ -50,13 +50,20 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.backend = self.attn_backend
         moe_backend = config.resolved_backend("moe_backend", self.device)
-        for module in self.model.modules():
-            if isinstance(module, MoELayer):
-                module.set_backend(moe_backend)
+        moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        for module in moe_layers:
+            module.set_backend(moe_backend)
+        # Host experts: the CPU expert engine, told each step how many rows are real.
+        plan = info.moe_plan
+        self.cpu_experts = plan.cpu_engine() if plan is not None and plan.host_layers else None
+        device_moe = {moe_backend for m in moe_layers if not m.on_host}
         self.use_cuda_graphs = config.use_cuda_graphs(self.device)
-        if self.use_cuda_graphs and (self.attn_backend.name, moe_backend) != ("triton", "triton"):
+        if self.use_cuda_graphs and (self.attn_backend.name != "triton" or device_moe - {"triton"}):
             # The torch kernels sync with the host (the expert loop, SDPA masks): not capturable.
             logger.info("CUDA graphs off: they need the triton attention and MoE backends")
+            self.use_cuda_graphs = False
+        if self.use_cuda_graphs and self.cpu_experts is not None and not self.cpu_experts.native:
+            logger.info("CUDA graphs off: host experts without the native engine sync the host")
             self.use_cuda_graphs = False
         self.graphs: CudaGraphRunner | None = None
         self.sampler = Sampler()
@@ -177,6 +184,8 @@ class ModelRunner:
                     self.prompt_logprobs_pos[req.request_id] = last
 
         block_ids = [item.block_ids for item in sched.scheduled]
+        if self.cpu_experts is not None:
+            self.cpu_experts.set_num_tokens(len(input_ids))
         graphs = self.graphs
         if graphs is not None and len(input_ids) == len(block_ids) <= graphs.max_batch:
             # Every sequence has one query token: a decode step, replayed from a CUDA graph.

@@ -5,9 +5,13 @@ Shapes: `T` tokens, `H` hidden, `E` experts, `K` top-k, `I` expert inner size (t
 
 from __future__ import annotations
 
+import contextlib
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
+from twinfer.hybrid.placement import NATIVE_FORMATS, current_moe_plan
 from twinfer.layers.cuda_ops import cuda_moe_ops
 from twinfer.layers.linear import (
     ReplicatedLinear,
@@ -18,6 +22,9 @@ from twinfer.layers.linear import (
 from twinfer.layers.moe.backends import get_expert_backend
 from twinfer.layers.moe.placement import ExpertPlacement
 from twinfer.parallel import ParallelConfig
+
+if TYPE_CHECKING:
+    from twinfer.hybrid.cpu_experts import HostExperts
 
 SCORING_FUNCTIONS = ("softmax",)
 
@@ -33,6 +40,11 @@ class MoELayer(nn.Module):
 
     `cast_routing_weights`: cast the top-k weights to the hidden dtype before the weighted sum
     (HF Qwen3-MoE); HF Mixtral keeps them float32. Only matters for bf16/fp16 rounding.
+
+    Placement: without an explicit `placement`, the MoE plan in effect while the model is built
+    (hybrid.placement.use_moe_plan) says whether this layer's routed experts live on the model's
+    device or in host RAM. Host experts are built in host memory, packed for the CPU expert
+    engine after loading (`process_weights_after_loading`) and run there; the router stays here.
     """
 
     def __init__(
@@ -71,9 +83,23 @@ class MoELayer(nn.Module):
         self.cast_routing_weights = cast_routing_weights
 
         self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, prefix=f"{prefix}.gate")
+        plan = current_moe_plan()
+        if placement is None and plan is not None:
+            layer = plan.layer_of(prefix)
+            location = plan.location(layer)
+            fmt = plan.host_format if location == "host" else plan.device_format
+            placement = ExpertPlacement.uniform(num_experts, location, fmt)
         i_local = self.intermediate_size_local
-        self.w13_weight = new_param(num_experts, 2 * i_local, hidden_size)
-        self.w2_weight = new_param(num_experts, hidden_size, i_local)
+        on_host = placement is not None and placement.experts_at("host")
+        if on_host and len(placement.experts_at("host")) != num_experts:
+            raise ValueError(
+                "an MoE layer keeps all its routed experts in one place (host RAM or the "
+                "device); mixed placements within a layer are not supported."
+            )
+        # Host experts never touch the device: they are built (and loaded) in host memory.
+        with torch.device("cpu") if on_host else contextlib.nullcontext():
+            self.w13_weight = new_param(num_experts, 2 * i_local, hidden_size)
+            self.w2_weight = new_param(num_experts, hidden_size, i_local)
         experts = range(num_experts)
         self.w13_weight.shard_ids = frozenset((e, w) for e in experts for w in ("w1", "w3"))
         self.w2_weight.shard_ids = frozenset((e, "w2") for e in experts)
@@ -87,6 +113,25 @@ class MoELayer(nn.Module):
                 f"{num_experts}."
             )
         self.backend = get_expert_backend(backend)
+        self.host_experts: HostExperts | None = None
+
+    @property
+    def on_host(self) -> bool:
+        return bool(self.placement.experts_at("host"))
+
+    def process_weights_after_loading(self) -> None:
+        """Host experts: pack them once for the CPU expert engine, then free the torch copy."""
+        plan = current_moe_plan()
+        if not self.on_host or self.host_experts is not None or plan is None:
+            return
+        fmt = NATIVE_FORMATS[self.placement.formats[0]]
+        engine = plan.cpu_engine()
+        self.host_experts = engine.add_layer(
+            self.w13_weight.data, self.w2_weight.data, fmt, plan.group_size
+        )
+        if engine.native:  # the packed copy is the only one kept (host RAM ~ 1.0x the weights)
+            for p in (self.w13_weight, self.w2_weight):
+                p.data = torch.empty(0, dtype=p.dtype)
 
     def set_backend(self, name: str) -> None:
         """Swap the expert backend (by registry name); the weights and the math stay the same."""
@@ -138,14 +183,18 @@ class MoELayer(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden [T, H] -> [T, H]."""
         topk_weights, topk_ids = self.route(hidden)
-        # NOTE: one backend for all experts while every expert is local; a mixed placement will
-        # split the slots by location here (device experts + host experts) and sum the parts.
-        out = self.backend.forward(hidden, topk_weights, topk_ids, self.w13_weight, self.w2_weight)
+        if self.host_experts is not None:
+            out = self.host_experts.forward(hidden, topk_weights, topk_ids)
+        else:
+            out = self.backend.forward(
+                hidden, topk_weights, topk_ids, self.w13_weight, self.w2_weight
+            )
         return tp_all_reduce(out, self.parallel)
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
             f"inner={self.intermediate_size_local}, renormalize={self.renormalize}, "
-            f"backend={self.backend.name}, placement='{self.placement.summary()}'"
+            f"backend={'cpu' if self.on_host else self.backend.name}, "
+            f"placement='{self.placement.summary()}'"
         )

@@ -1,0 +1,1 @@
+"""Hybrid MoE: which experts live where (placement), the CPU expert engine, NUMA topology."""

@@ -1,0 +1,207 @@
+"""Host-resident experts on the native CPU expert engine, called from MoELayer.
+
+Shapes: `T` tokens, `H` hidden, `E` experts, `K` top-k, `I` expert inner size.
+
+On a CUDA device a layer's call is four stream operations: copy hidden, top-k ids and weights to
+pinned host buffers; a host function that starts the CPU pool; (GPU work placed here overlaps the
+CPU experts); a host function that waits for the pool; copy the result back. Host functions are
+stream operations, so eager steps and CUDA-graph replays run the same path and a whole decode
+step, CPU experts included, replays as one graph. On the CPU the engine is called directly.
+Without the native module, host experts run torch's reference backend (eager only).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from twinfer.hybrid.numa import WorkerPlan
+from twinfer.layers.moe.backends import TorchExpertBackend
+from twinfer.native import native_engine
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {
+    torch.float32: "f32",
+    torch.bfloat16: "bf16",
+    torch.float16: "f16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+}
+# Thread pools are a process resource: engines with the same workers share one.
+_POOLS: dict[tuple, Any] = {}
+_BANDWIDTH_BYTES = 512 * 2**20
+
+
+def dtype_name(t: Tensor) -> str:
+    if t.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"the CPU expert engine does not take {t.dtype} tensors")
+    return _DTYPE_NAMES[t.dtype]
+
+
+def thread_pool(workers: WorkerPlan, spin_us: int) -> Any:
+    key = (tuple(map(tuple, workers.cpus)), tuple(workers.nodes))
+    if key not in _POOLS:
+        _POOLS[key] = native_engine.ThreadPool(workers.cpus, workers.nodes, spin_us)
+    pool = _POOLS[key]
+    pool.spin_us = spin_us
+    return pool
+
+
+@dataclass(slots=True)
+class _Staging:
+    """Pinned host buffers the GPU copies into and out of (fixed addresses: graph-safe)."""
+
+    hidden: Tensor  # [max_T, H]
+    ids: Tensor  # [max_T, K]
+    weights: Tensor  # [max_T, K]
+    out: Tensor  # [max_T, H]
+
+    def matches(self, hidden: Tensor, weights: Tensor, ids: Tensor) -> bool:
+        return (
+            (self.hidden.dtype, self.ids.dtype, self.weights.dtype)
+            == (hidden.dtype, ids.dtype, weights.dtype)
+            and self.hidden.shape[1] == hidden.shape[1]
+            and self.ids.shape[1] == ids.shape[1]
+        )
+
+
+class CpuExpertEngine:
+    """The CPU expert engine of one model: a pinned thread pool running its host expert layers,
+    one layer at a time."""
+
+    def __init__(self, workers: WorkerPlan, spin_us: int, max_tokens: int) -> None:
+        self.workers = workers
+        self.max_tokens = max_tokens
+        self.pool = thread_pool(workers, spin_us) if native_engine is not None else None
+        self.engine = native_engine.MoEEngine(self.pool) if self.pool is not None else None
+        self.staging: _Staging | None = None
+        self._gbps: float | None = None
+
+    @property
+    def native(self) -> bool:
+        return self.engine is not None
+
+    def add_layer(self, w13: Tensor, w2: Tensor, fmt: str, group_size: int) -> HostExperts:
+        """w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I] in host memory, packed once
+        into `fmt` (native format name) on the pool's NUMA nodes."""
+        if self.engine is None:
+            return HostExperts(self, -1, w13.shape[2], w13.contiguous(), w2.contiguous())
+        e, two_i, h = w13.shape
+        layer = native_engine.ExpertLayer(
+            self.pool, e, h, two_i // 2, fmt, group_size if fmt == "int4" else 0
+        )
+        w13, w2 = w13.contiguous(), w2.contiguous()
+        # One call: every worker packs the experts of its node's shard (first touch on the node).
+        layer.load_experts(
+            list(range(e)),
+            [w13[x].data_ptr() for x in range(e)],
+            [w2[x].data_ptr() for x in range(e)],
+            dtype_name(w13),
+        )
+        return HostExperts(self, self.engine.add_layer(layer), h, layer=layer)
+
+    def set_num_tokens(self, n: int) -> None:
+        """Rows the next steps compute (a graph replay pads its batch; padded rows are skipped)."""
+        if self.engine is not None:
+            self.engine.set_num_tokens(n)
+
+    def read_gbps(self) -> float | None:
+        """DRAM read GB/s of this engine's threads (measured once; for the startup log)."""
+        if self.pool is not None and self._gbps is None:
+            self._gbps = native_engine.measure_read_bandwidth(self.pool, _BANDWIDTH_BYTES, 3)
+        return self._gbps
+
+    def staging_for(self, hidden: Tensor, weights: Tensor, ids: Tensor) -> _Staging:
+        if self.staging is None or not self.staging.matches(hidden, weights, ids):
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("CPU expert staging buffers must exist before graph capture")
+            rows, h, k = self.max_tokens, hidden.shape[1], ids.shape[1]
+
+            def pinned(cols: int, dtype: torch.dtype) -> Tensor:
+                return torch.zeros(rows, cols, dtype=dtype, pin_memory=True)
+
+            s = _Staging(
+                pinned(h, hidden.dtype), pinned(k, ids.dtype), pinned(k, weights.dtype),
+                pinned(h, hidden.dtype),
+            )  # fmt: skip
+            self.engine.bind_buffers(
+                s.hidden.data_ptr(), dtype_name(s.hidden), s.ids.data_ptr(), dtype_name(s.ids),
+                s.weights.data_ptr(), dtype_name(s.weights), s.out.data_ptr(), rows, k,
+            )  # fmt: skip
+            self.staging = s
+        return self.staging
+
+
+class HostExperts:
+    """One MoE layer's routed experts in host RAM; `forward` has MoELayer's backend signature
+    minus the weights."""
+
+    def __init__(
+        self,
+        engine: CpuExpertEngine,
+        layer_id: int,
+        hidden_size: int,
+        w13: Tensor | None = None,
+        w2: Tensor | None = None,
+        layer: Any = None,
+    ) -> None:
+        self.engine = engine
+        self.layer_id = layer_id
+        self.hidden_size = hidden_size
+        self.layer = layer  # the native ExpertLayer (keeps its packed bytes alive)
+        self.w13, self.w2 = w13, w2  # torch fallback only
+
+    @property
+    def nbytes(self) -> int:
+        if self.layer is not None:
+            return int(self.layer.bytes)
+        return self.w13.nbytes + self.w2.nbytes
+
+    def forward(self, hidden: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+        """hidden [T, H], topk_weights [T, K], topk_ids [T, K] -> [T, H] in hidden's dtype."""
+        if self.layer is None:
+            return self._forward_torch(hidden, topk_weights, topk_ids)
+        t = hidden.shape[0]
+        if t > self.engine.max_tokens:
+            raise ValueError(
+                f"a step of {t} tokens is more than the CPU expert engine's "
+                f"{self.engine.max_tokens}-row buffers; keep --max-num-batched-tokens at most that"
+            )
+        if hidden.device.type == "cuda":
+            return self._forward_cuda(hidden, topk_weights, topk_ids)
+        hidden, topk_weights, topk_ids = (x.contiguous() for x in (hidden, topk_weights, topk_ids))
+        out = torch.empty_like(hidden)
+        self.engine.engine.forward(
+            self.layer_id, hidden.data_ptr(), dtype_name(hidden), topk_ids.data_ptr(),
+            dtype_name(topk_ids), topk_weights.data_ptr(), dtype_name(topk_weights),
+            out.data_ptr(), t, topk_ids.shape[1],
+        )  # fmt: skip
+        return out
+
+    def _forward_cuda(self, hidden: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+        t = hidden.shape[0]
+        s = self.engine.staging_for(hidden, topk_weights, topk_ids)
+        s.hidden[:t].copy_(hidden, non_blocking=True)
+        s.ids[:t].copy_(topk_ids, non_blocking=True)
+        s.weights[:t].copy_(topk_weights, non_blocking=True)
+        stream = torch.cuda.current_stream(hidden.device).cuda_stream
+        engine = self.engine.engine
+        engine.enqueue(stream, self.layer_id, t)
+        # NOTE: GPU work enqueued here (shared experts, device-resident experts) runs while the
+        # CPU pool computes; the wait below only holds the stream, never the Python thread.
+        engine.enqueue_wait(stream)
+        out = torch.empty_like(hidden)
+        out.copy_(s.out[:t], non_blocking=True)
+        return out
+
+    def _forward_torch(self, hidden: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+        cpu = torch.device("cpu")
+        out = TorchExpertBackend().forward(
+            hidden.to(cpu), topk_weights.to(cpu), topk_ids.to(cpu), self.w13, self.w2
+        )
+        return out.to(hidden.device)

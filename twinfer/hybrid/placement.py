@@ -1,0 +1,368 @@
+"""Which MoE layers keep their routed experts in VRAM and which in host RAM, and in what format.
+
+The plan is made before the model is built (so host experts never touch VRAM) from the flags users
+of llama.cpp and KTransformers know: --cpu-moe, --n-cpu-moe N, --moe-gpu-layers 0-5,40 and
+--moe-vram-budget auto|GiB. MoELayer reads it while it is constructed (`current_moe_plan`).
+Attention, dense layers, shared experts, routers and the KV cache always stay on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from twinfer.config import EngineConfig, parse_layer_list, parse_vram_budget
+from twinfer.hybrid.numa import CpuTopology, WorkerPlan, default_threads, plan_workers
+from twinfer.native import native_engine, native_error
+
+if TYPE_CHECKING:
+    from twinfer.hybrid.cpu_experts import CpuExpertEngine
+    from twinfer.loader.model_loader import ModelInfo
+
+logger = logging.getLogger(__name__)
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+# Expert format names (ExpertPlacement's) -> the native engine's.
+NATIVE_FORMATS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "int8", "int4": "int4"}
+# VRAM kept for activations, the sampler's logits and CUDA graphs when the budget is auto.
+_AUTO_RESERVE_BYTES = 2**30
+
+
+@dataclass(frozen=True, slots=True)
+class MoELayerShape:
+    """One MoE layer of the model: decoder layer index and expert shape."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    hidden: int
+    inner: int
+
+
+def expert_bytes(fmt: str, hidden: int, inner: int, group_size: int) -> int:
+    """Bytes of one routed expert (gate, up: [I, H]; down: [H, I]) in an expert format."""
+    if native_engine is not None:
+        nf, g = NATIVE_FORMATS[fmt], group_size if fmt == "int4" else 0
+        return native_engine.packed_bytes(nf, 2 * inner, hidden, g) + native_engine.packed_bytes(
+            nf, hidden, inner, g
+        )
+    per_value = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}.get(fmt, 0.5)
+    return int(3 * hidden * inner * per_value)
+
+
+@dataclass(slots=True)
+class MoEPlan:
+    """Where each MoE layer's routed experts live, and how the CPU expert engine runs them."""
+
+    shapes: list[MoELayerShape]
+    host_layers: frozenset[int]
+    device_format: str  # the model dtype's format: experts kept in VRAM (or device memory)
+    host_format: str  # bf16 | fp16 | fp32 | int8 | int4
+    group_size: int
+    workers: WorkerPlan
+    spin_us: int
+    max_tokens: int  # rows of the pinned staging buffers (the step's token budget)
+    device: torch.device
+    dense_bytes: int
+    vram_budget: str | None = None  # --moe-vram-budget, applied by fill_vram_budget at load
+    gpu_memory_utilization: float = 0.9
+    _engine: CpuExpertEngine | None = field(default=None, repr=False)
+
+    def location(self, layer: int) -> str:
+        return "host" if layer in self.host_layers else "gpu"
+
+    def layer_of(self, prefix: str) -> int:
+        match = _LAYER_INDEX.search(prefix + ".")
+        if match is None:
+            raise ValueError(f"cannot tell the layer index of MoE module {prefix!r}")
+        return int(match.group(1))
+
+    def cpu_engine(self) -> CpuExpertEngine:
+        """The engine that runs this model's host experts (made on first use)."""
+        if self._engine is None:
+            from twinfer.hybrid.cpu_experts import CpuExpertEngine
+
+            self._engine = CpuExpertEngine(self.workers, self.spin_us, self.max_tokens)
+        return self._engine
+
+    def bytes_at(self, location: str) -> int:
+        fmt = self.host_format if location == "host" else self.device_format
+        return sum(
+            s.num_experts * expert_bytes(fmt, s.hidden, s.inner, self.group_size)
+            for s in self.shapes
+            if self.location(s.layer) == location
+        )
+
+    def host_bytes_per_token(self) -> int:
+        """Host expert bytes a batch-1 decode step reads: top-k experts of every host layer."""
+        return sum(
+            s.top_k * expert_bytes(self.host_format, s.hidden, s.inner, self.group_size)
+            for s in self.shapes
+            if s.layer in self.host_layers
+        )
+
+    def describe(self, dram_gbps: float | None = None) -> str:
+        """The startup log's placement table: ranges of layers, formats, bytes, decode bound."""
+        fmt = {"host": self.host_format, "gpu": self.device_format}
+        if self.host_format == "int4":
+            fmt["host"] = f"int4/g{self.group_size}"
+        where = {"host": "host RAM", "gpu": "VRAM" if self.device.type == "cuda" else "RAM"}
+        lines = [
+            f"MoE placement: {len(self.shapes)} MoE layers of {self.shapes[0].num_experts} "
+            f"experts (top-{self.shapes[0].top_k}); CPU expert engine: "
+            f"{self.workers.num_threads} threads on NUMA nodes "
+            f"{sorted(set(self.workers.nodes))}" * bool(self.host_layers)
+        ]
+        runs: list[list[Any]] = []  # [first, last, location]
+        for s in self.shapes:
+            loc = self.location(s.layer)
+            if runs and runs[-1][2] == loc:
+                runs[-1][1] = s.layer
+            else:
+                runs.append([s.layer, s.layer, loc])
+        for first, last, loc in runs:
+            n = sum(1 for s in self.shapes if first <= s.layer <= last)
+            layer_bytes = (
+                self.bytes_at(loc)
+                * n
+                // max(1, sum(1 for s in self.shapes if self.location(s.layer) == loc))
+            )
+            span = f"layer {first}" if first == last else f"layers {first}-{last}"
+            lines.append(
+                f"  {span}: experts in {where[loc]} as {fmt[loc]}, {layer_bytes / 2**30:.2f} GiB"
+            )
+        lines.append(
+            f"  dense part {self.dense_bytes / 2**30:.2f} GiB + device experts "
+            f"{self.bytes_at('gpu') / 2**30:.2f} GiB on {self.device.type}; host experts "
+            f"{self.bytes_at('host') / 2**30:.2f} GiB"
+        )
+        if self.host_layers and dram_gbps:
+            per_token = self.host_bytes_per_token()
+            lines.append(
+                f"  decode bound at batch 1: {per_token / 1e6:.0f} MB of host experts per token "
+                f"/ {dram_gbps:.0f} GB/s DRAM read = {dram_gbps * 1e9 / per_token:.0f} tokens/s"
+            )
+        return "\n".join(lines)
+
+
+_CURRENT: ContextVar[MoEPlan | None] = ContextVar("twinfer_moe_plan", default=None)
+
+
+@contextlib.contextmanager
+def use_moe_plan(plan: MoEPlan | None) -> Iterator[None]:
+    """MoE layers built (and prepared after loading) inside this block follow `plan`."""
+    token = _CURRENT.set(plan)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_moe_plan() -> MoEPlan | None:
+    return _CURRENT.get()
+
+
+def model_moe_shapes(model_cls: type, hf_config: Any) -> tuple[list[MoELayerShape], int]:
+    """The MoE layers of a model and its dense bytes, from a weightless (meta) copy of it."""
+    from twinfer.layers.moe import MoELayer
+    from twinfer.parallel import ParallelConfig
+
+    with torch.device("meta"), use_moe_plan(None):
+        model: nn.Module = model_cls(hf_config, ParallelConfig())
+    shapes: list[MoELayerShape] = []
+    expert_params = 0
+    for name, m in model.named_modules():
+        if isinstance(m, MoELayer):
+            match = _LAYER_INDEX.search(name + ".")
+            layer = int(match.group(1)) if match else len(shapes)
+            shapes.append(
+                MoELayerShape(layer, m.num_experts, m.top_k, m.hidden_size, m.intermediate_size)
+            )
+            expert_params += m.w13_weight.numel() + m.w2_weight.numel()
+    dense_params = sum(p.numel() for p in model.parameters()) - expert_params
+    return shapes, dense_params
+
+
+def plan_moe(config: EngineConfig, info: ModelInfo, model_cls: type) -> MoEPlan | None:
+    """The placement of `info`'s model under `config`'s flags; None when it has no MoE layers."""
+    shapes, dense_params = model_moe_shapes(model_cls, info.hf_config)
+    if not shapes:
+        for flag, value in (
+            ("--cpu-moe", config.cpu_moe),
+            ("--n-cpu-moe", config.n_cpu_moe),
+            ("--moe-gpu-layers", config.moe_gpu_layers),
+        ):
+            if value:
+                logger.warning("%s ignored: the model has no MoE layers", flag)
+        return None
+    from twinfer.layers.moe.placement import format_of_dtype
+
+    device = info.device
+    device_format = format_of_dtype(info.dtype)
+    dense_bytes = dense_params * info.dtype.itemsize
+    layers = [s.layer for s in shapes]
+    host = _host_layers(config, device, layers)
+    host_format = device_format if config.moe_cpu_dtype == "keep" else config.moe_cpu_dtype
+    if host and host_format == "int4":
+        group = config.moe_cpu_group_size
+        if bad := sorted({d for s in shapes for d in (s.hidden, s.inner) if d % group}):
+            raise ValueError(
+                f"int4 groups of {group} do not divide the expert sizes {bad} (hidden and expert "
+                f"inner size); use a --moe-cpu-group-size that divides them (32, 64 or 128)."
+            )
+    _check_native(host_format, bool(host))
+    topology = CpuTopology.detect()
+    threads = config.moe_cpu_threads or default_threads(topology, device.type == "cuda")
+    plan = MoEPlan(
+        shapes=shapes,
+        host_layers=frozenset(host),
+        device_format=device_format,
+        host_format=host_format,
+        group_size=config.moe_cpu_group_size,
+        workers=plan_workers(topology, threads, config.moe_thread_binding),
+        # NOTE: with a GPU the workers spin through the GPU's part of a layer (~50 us), so the
+        # next layer starts without a wake-up; on the CPU alone torch's own threads need the
+        # cores between layers, and power saving trades a wake-up per layer for the spinning.
+        spin_us=20 if config.moe_cpu_power_saving or device.type == "cpu" else 2000,
+        max_tokens=config.resolved_max_num_batched_tokens(device),
+        device=device,
+        dense_bytes=dense_bytes,
+        vram_budget=config.moe_vram_budget,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+    )
+    return plan
+
+
+def _host_layers(config: EngineConfig, device: torch.device, layers: list[int]) -> list[int]:
+    """The MoE layers (decoder indices) whose routed experts go to host RAM."""
+    if config.cpu_moe:
+        return layers
+    if config.n_cpu_moe is not None:
+        if config.n_cpu_moe > len(layers):
+            raise ValueError(
+                f"--n-cpu-moe {config.n_cpu_moe} is more than the model's {len(layers)} MoE "
+                f"layers; use at most {len(layers)} (or --cpu-moe for all of them)."
+            )
+        return layers[: config.n_cpu_moe]
+    if config.moe_gpu_layers is not None:
+        keep = parse_layer_list(config.moe_gpu_layers)
+        if bad := sorted(set(keep) - set(layers)):
+            raise ValueError(
+                f"--moe-gpu-layers names {bad}, which are not MoE layers of this model; its MoE "
+                f"layers are {_ranges(layers)}."
+            )
+        return [layer for layer in layers if layer not in keep]
+    if config.moe_vram_budget is not None:
+        if device.type != "cuda":
+            raise ValueError("--moe-vram-budget sizes VRAM; it needs a GPU (--device cuda).")
+        return layers  # fill_vram_budget moves layers back to the GPU
+    if device.type == "cpu" and config.moe_backend in ("auto", "native"):
+        if native_engine is not None:
+            return layers  # the CPU-only mode runs its experts on the native engine
+        if config.moe_backend == "native":
+            raise ValueError(f"--moe-backend native: {native_error}")
+    return []
+
+
+def _check_native(host_format: str, any_host: bool) -> None:
+    if not any_host:
+        return
+    if native_engine is None:
+        if host_format in ("int8", "int4"):
+            raise ValueError(
+                f"--moe-cpu-dtype {host_format} needs the native CPU expert engine: "
+                f"{native_error}; or use --moe-cpu-dtype keep."
+            )
+        logger.warning(
+            "%s; until then host experts run on torch's CPU kernels: several times slower, "
+            "and no CUDA graphs",
+            native_error,
+        )
+        return
+    features = native_engine.cpu_features()
+    if host_format in ("int8", "int4") and not (features["avx2"] or features["avx512f"]):
+        raise ValueError(
+            f"--moe-cpu-dtype {host_format}: this CPU has neither AVX2 nor AVX-512, which the "
+            "quantized CPU expert kernels need; use --moe-cpu-dtype keep or bf16."
+        )
+
+
+def fill_vram_budget(plan: MoEPlan, info: ModelInfo) -> None:
+    """--moe-vram-budget: keep whole expert layers in VRAM while they fit, the best first.
+
+    Runs in the engine process just before the model is built (it asks the GPU what is free).
+    """
+    if plan.vram_budget is None:
+        return
+    free, total = torch.cuda.mem_get_info(info.device)
+    budget_gib = parse_vram_budget(plan.vram_budget)
+    if budget_gib is None:
+        kv = _kv_bytes_per_token(info) * info.max_model_len
+        budget = int(min(plan.gpu_memory_utilization * total, free)) - kv - _AUTO_RESERVE_BYTES
+        what = (
+            f"auto: {free / 2**30:.1f} GiB free, less {kv / 2**30:.2f} GiB of KV cache for one "
+            f"{info.max_model_len}-token sequence and {_AUTO_RESERVE_BYTES / 2**30:.0f} GiB "
+            "for activations"
+        )
+    else:
+        budget = int(budget_gib * 2**30)
+        what = f"{budget_gib:g} GiB"
+        if budget > free:
+            raise ValueError(
+                f"--moe-vram-budget {budget_gib:g} GiB is more than the {free / 2**30:.1f} GiB "
+                "of VRAM free; lower it or use auto."
+            )
+    if budget < plan.dense_bytes:
+        raise ValueError(
+            f"--moe-vram-budget ({what}) cannot hold the dense part of the model "
+            f"({plan.dense_bytes / 2**30:.2f} GiB: embeddings, attention, norms, routers, dense "
+            f"MLPs); give at least {plan.dense_bytes / 2**30:.2f} GiB, free VRAM, or lower "
+            "--max-model-len."
+        )
+    left = budget - plan.dense_bytes
+
+    # NOTE: "benefit" is the host bytes a token no longer reads per VRAM byte spent; layers of
+    # one model mostly tie, and then the earliest layers go first.
+    def benefit(s: MoELayerShape) -> float:
+        host = expert_bytes(plan.host_format, s.hidden, s.inner, plan.group_size)
+        gpu = expert_bytes(plan.device_format, s.hidden, s.inner, plan.group_size)
+        return s.top_k * host / (s.num_experts * gpu)
+
+    host = set(plan.host_layers)
+    for s in sorted(plan.shapes, key=lambda s: (-benefit(s), s.layer)):
+        size = s.num_experts * expert_bytes(plan.device_format, s.hidden, s.inner, 0)
+        if size <= left:
+            host.discard(s.layer)
+            left -= size
+    plan.host_layers = frozenset(host)
+    logger.info(
+        "--moe-vram-budget %s: %d of %d MoE layers keep their experts in VRAM",
+        what,
+        len(plan.shapes) - len(host),
+        len(plan.shapes),
+    )
+
+
+def _kv_bytes_per_token(info: ModelInfo) -> int:
+    c = info.hf_config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * heads * head_dim * info.dtype.itemsize
+
+
+def _ranges(layers: list[int]) -> str:
+    out: list[str] = []
+    for layer in layers:
+        if out and out[-1].split("-")[-1] == str(layer - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{layer}"
+        else:
+            out.append(str(layer))
+    return ",".join(out)

@@ -54,7 +54,8 @@ def llama_dir(tmp_path: Path) -> Path:
 # ---- platform --------------------------------------------------------------------------------
 def test_platform_report(report: PlatformReport) -> None:
     assert report.dram_read_gbps > 0 and report.dram_bytes == SMALL
-    assert report.dram_method.startswith("torch ")
+    # The best of torch's reductions and the CPU expert engine's own pinned vector read.
+    assert report.dram_method.startswith(("torch ", "native vector read"))
     assert report.physical_cores >= 1 and report.logical_cpus >= report.physical_cores
     assert report.numa_nodes >= 1 and len(report.numa_cpus) == report.numa_nodes
     assert report.dram_total_gib > 0 and report.cpu_model

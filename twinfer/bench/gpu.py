@@ -18,6 +18,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ import numpy as np
 BENCH_SHAPE = "qwen3-30b-a3b"
 
 
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
+def add_common_args(
+    parser: argparse.ArgumentParser, input_len: int, output_len: int, concurrency: int
+) -> None:
+    """The flags `bench gpu` and `bench hybrid` share (with each one's defaults)."""
     parser.add_argument(
         "--model", default=None, help="HF directory (default: the benchmark model, random)."
     )
@@ -34,13 +38,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer", default=None, help="Tokenizer for the default model (a dir or .gguf)."
     )
-    parser.add_argument("--input-len", type=int, default=128, help="Prompt tokens for decode.")
-    parser.add_argument("--output-len", type=int, default=128, help="Decode tokens measured.")
-    parser.add_argument("--prefill-len", type=int, default=512)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--input-len", type=int, default=input_len, help="Prompt tokens for decode."
+    )
+    parser.add_argument(
+        "--output-len", type=int, default=output_len, help="Decode tokens measured."
+    )
+    parser.add_argument("--concurrency", type=int, default=concurrency)
     parser.add_argument("--enforce-eager", action="store_true", help="No CUDA graphs.")
     parser.add_argument("--profile", action="store_true", help="Print a kernel-time profile.")
     parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    add_common_args(parser, input_len=128, output_len=128, concurrency=64)
+    parser.add_argument("--prefill-len", type=int, default=512)
 
 
 def _bench_model(args: argparse.Namespace, work: Path) -> tuple[str, str]:
@@ -88,19 +100,27 @@ def _prefill_rate(llm: Any, rng: np.random.Generator, length: int, vocab: int) -
     return length / statistics.median(times)
 
 
-def _profile(llm: Any, prompts: list[list[int]]) -> dict[str, float]:
+def _profile(
+    llm: Any, prompts: list[list[int]], counters: Callable[[], dict[str, float]] = dict
+) -> dict[str, float]:
     """Where a decode step's time goes: wall time per step against the GPU's kernel time per
-    step (the difference is time the GPU waits for the host), and the kernels by total time."""
+    step (the difference is time the GPU waits for the host), and the kernels by total time.
+
+    `counters()` returns cumulative figures (bench hybrid: the CPU expert engine's busy time);
+    what they grow by over the timed steps comes back per step. On the CPU: wall and counters.
+    """
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from twinfer import SamplingParams
 
     engine = llm.engine
+    cuda = engine.info.device.type == "cuda"
     params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True, detokenize=False)
     ids = [f"profile-{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts, strict=True):
         engine.add_request(rid, prompt, params)
+    prof = None
     try:
         while any(
             r.num_computed_tokens < r.num_prompt_tokens
@@ -108,20 +128,26 @@ def _profile(llm: Any, prompts: list[list[int]]) -> dict[str, float]:
         ):
             engine.step()  # prefill
         steps = 32
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
+        before = counters()
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
         wall = (time.perf_counter() - start) / steps
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                engine.step()
-            torch.cuda.synchronize()
+        per_step = {k: (v - before[k]) / steps for k, v in counters().items()}
+        if cuda:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    engine.step()
+                torch.cuda.synchronize()
     finally:
         for rid in ids:
             engine.abort_request(rid)
         while engine.has_unfinished_requests():
             engine.step()
+    if prof is None:
+        return {"step_wall_ms": wall * 1e3, **per_step}
     events = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in events) / steps / 1e6  # s per step
     print(
@@ -129,7 +155,7 @@ def _profile(llm: Any, prompts: list[list[int]]) -> dict[str, float]:
         f"{gpu * 1e3:.3f} ms, GPU waiting for the host {(wall - gpu) * 1e3:.3f} ms"
     )
     print(events.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
-    return {"step_wall_ms": wall * 1e3, "step_gpu_ms": gpu * 1e3}
+    return {"step_wall_ms": wall * 1e3, "step_gpu_ms": gpu * 1e3, **per_step}
 
 
 def main(args: argparse.Namespace) -> int:

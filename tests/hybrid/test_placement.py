@@ -140,7 +140,8 @@ def test_placement_invariance(tiny_checkpoints, shape, caplog) -> None:
 
 @needs_native
 def test_cpu_only_mode_uses_the_native_engine(tiny_checkpoints) -> None:
-    llm = LLM(str(tiny_checkpoints("qwen3-moe-tiny")), dtype="float32", max_model_len=256)
+    ckpt = str(tiny_checkpoints("qwen3-moe-tiny"))
+    llm = LLM(ckpt, dtype="float32", device="cpu", max_model_len=256)
     layers = _moe_layers(llm)
     assert all(m.on_host and m.host_experts.layer is not None for m in layers)
     # The torch copy is freed once packed: host RAM holds the experts once.

@@ -123,7 +123,10 @@ class CpuExpertEngine:
             rows, h, k = self.max_tokens, hidden.shape[1], ids.shape[1]
 
             def pinned(cols: int, dtype: torch.dtype) -> Tensor:
-                return torch.zeros(rows, cols, dtype=dtype, pin_memory=True)
+                # Normal tensors even when the first call runs under inference mode: graph
+                # capture writes them outside it.
+                with torch.inference_mode(False):
+                    return torch.zeros(rows, cols, dtype=dtype, pin_memory=True)
 
             s = _Staging(
                 pinned(h, hidden.dtype), pinned(k, ids.dtype), pinned(k, weights.dtype),

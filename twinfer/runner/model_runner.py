@@ -57,6 +57,8 @@ class ModelRunner:
         plan = info.moe_plan
         self.cpu_experts = plan.cpu_engine() if plan is not None and plan.host_layers else None
         device_moe = {moe_backend for m in moe_layers if not m.on_host}
+        on_gpu_with_cpu_experts = self.cpu_experts is not None and self.device.type == "cuda"
+        self.step_done = torch.cuda.Event(blocking=True) if on_gpu_with_cpu_experts else None
         self.use_cuda_graphs = config.use_cuda_graphs(self.device)
         if self.use_cuda_graphs and (self.attn_backend.name != "triton" or device_moe - {"triton"}):
             # The torch kernels sync with the host (the expert loop, SDPA masks): not capturable.
@@ -259,6 +261,12 @@ class ModelRunner:
             out = self.sampler.greedy(self.model.compute_logits(hidden, float32=False))
         else:
             out = self.sampler(self.model.compute_logits(hidden), metadata)  # [N, V] float32
+        if self.step_done is not None:
+            # NOTE: wait asleep, not in CUDA's spinning copy: the CPU expert threads need every
+            # core while the step runs, and a spinning host thread would preempt one of them and
+            # stall the pool's barriers for a scheduler time slice.
+            self.step_done.record()
+            self.step_done.synchronize()
         tokens = out.sampled_token_ids.tolist()
         lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
         lp_vals = out.logprobs.tolist() if out.logprobs is not None else None

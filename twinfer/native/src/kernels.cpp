@@ -6,6 +6,8 @@
 // NOTE: compiled with baseline flags: no intrinsics here, so this file (and the scalar path) runs
 // on any x86-64. The scalar kernel sums each row in column order (per group for INT4, then times
 // the scale), independent of [r0, r1) like every kernel.
+#include <cstdlib>
+
 #include "kernels_impl.h"
 
 namespace twinfer {
@@ -87,6 +89,15 @@ float dot_row(const PackedLayout& lay, const detail::Geom& g, const uint8_t* blk
 }  // namespace
 
 namespace detail {
+
+// NOTE: the L2 streamer alone leaves DRAM idle while the FMAs of a line run; 2 KiB ahead kept
+// enough misses in flight on the dev machine. Read once: the hot loops load a constant.
+static int prefetch_from_env() {
+  const char* v = std::getenv("TWINFER_PREFETCH_BYTES");
+  const int n = v ? std::atoi(v) : 0;
+  return n > 0 && n <= (1 << 16) ? (n + 63) / 64 * 64 : 2048;
+}
+const int g_prefetch_bytes = prefetch_from_env();
 
 void matmul_scalar(const PackedLayout& lay, const void* packed, int r0, int r1,
                    const Activations& x, float* y, int ldy) {

@@ -16,7 +16,6 @@ namespace twinfer::detail {
 namespace {
 
 constexpr int kMaxTB = 4;
-constexpr int kPrefetch = 2048;  // bytes ahead of the line being decoded
 #define TW_INLINE inline __attribute__((always_inline))
 
 struct DecF32 {
@@ -95,7 +94,7 @@ TW_INLINE void dot_steps(const Dec& dec, int s0, int s1, const float* x, size_t 
   for (int s = s0; s < s1; ++s) {
     // NOTE: as in the AVX-512 kernel: 2 KiB ahead into L1 keeps DRAM busy during the FMAs.
     const char* ahead = reinterpret_cast<const char*>(dec.p) + size_t(s) * Dec::kStepBytes;
-    for (int l = 0; l < Dec::kStepBytes; l += 64) _mm_prefetch(ahead + l + kPrefetch, _MM_HINT_T0);
+    for (int l = 0; l < Dec::kStepBytes; l += 64) _mm_prefetch(ahead + l + g_prefetch_bytes, _MM_HINT_T0);
     __m256 w[Dec::C][2];
     dec(s, w);
     const int c0 = s * Dec::C;

@@ -24,7 +24,6 @@ namespace twinfer::detail {
 namespace {
 
 constexpr int kMaxTB = 8;
-constexpr int kPrefetch = 2048;  // bytes ahead of the line being decoded
 #define TW_INLINE inline __attribute__((always_inline))
 
 // Decoders: step s of a region -> C column vectors for cols s*C .. s*C+C-1 of that region.
@@ -103,7 +102,7 @@ TW_INLINE void dot_steps(const Dec& dec, int s0, int s1, const float* x, size_t 
     // NOTE: the L2 streamer alone leaves DRAM idle while the FMAs of a line run (n = 8: 1.6x
     // slower than this); 2 KiB ahead into L1 keeps enough misses in flight.
     const char* ahead = reinterpret_cast<const char*>(dec.p) + size_t(s) * Dec::kStepBytes;
-    for (int l = 0; l < Dec::kStepBytes; l += 64) _mm_prefetch(ahead + l + kPrefetch, _MM_HINT_T0);
+    for (int l = 0; l < Dec::kStepBytes; l += 64) _mm_prefetch(ahead + l + g_prefetch_bytes, _MM_HINT_T0);
     __m512 w[Dec::C];
     dec(s, w);
     const int c0 = s * Dec::C;

@@ -47,4 +47,8 @@ bool matmul_amx(const PackedLayout& lay, const void* packed, int r0, int r1, con
 // Asks the OS (once per process) for the AMX tile state; true when granted. cpu_features.cpp.
 bool request_amx_permission();
 
+// Software prefetch distance of the streaming kernels, in bytes ahead of the line being decoded
+// (default 2048; TWINFER_PREFETCH_BYTES overrides it at load, for tuning on a new machine).
+extern const int g_prefetch_bytes;
+
 }  // namespace twinfer::detail

@@ -297,6 +297,10 @@ def test_enqueue_without_cuda() -> None:
         eng.enqueue(0, lid, 1)
     with pytest.raises(RuntimeError, match=r"libcuda\.so\.1|cuLaunchHostFunc"):
         eng.enqueue_wait(0)
+    with pytest.raises(RuntimeError, match=r"libcuda\.so\.1|cuLaunchHostFunc"):
+        eng.enqueue_run(0, lid, 1)
+    with pytest.raises(ValueError, match="layer id 7"):
+        eng.enqueue_run(0, 7, 1)
 
 
 def test_isa_cap(monkeypatch) -> None:

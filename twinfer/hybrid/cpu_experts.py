@@ -2,11 +2,12 @@
 
 Shapes: `T` tokens, `H` hidden, `E` experts, `K` top-k, `I` expert inner size.
 
-On a CUDA device a layer's call is four stream operations: copy hidden, top-k ids and weights to
-pinned host buffers; a host function that starts the CPU pool; (GPU work placed here overlaps the
-CPU experts); a host function that waits for the pool; copy the result back. Host functions are
-stream operations, so eager steps and CUDA-graph replays run the same path and a whole decode
-step, CPU experts included, replays as one graph. On the CPU the engine is called directly.
+On a CUDA device a layer's call is three kinds of stream operations: copies of hidden, top-k ids
+and weights into pinned host buffers; a host function that runs the layer on the CPU pool (the
+engine also has start and wait as two host functions, for GPU work to overlap between them); a
+copy of the result back. Host functions are stream operations, so eager steps and CUDA-graph
+replays run the same path and a whole decode step, CPU experts included, replays as one graph.
+On the CPU the engine is called directly.
 Without the native module, host experts run torch's reference backend (eager only).
 """
 
@@ -193,11 +194,11 @@ class HostExperts:
         s.ids[:t].copy_(topk_ids, non_blocking=True)
         s.weights[:t].copy_(topk_weights, non_blocking=True)
         stream = torch.cuda.current_stream(hidden.device).cuda_stream
-        engine = self.engine.engine
-        engine.enqueue(stream, self.layer_id, t)
-        # NOTE: GPU work enqueued here (shared experts, device-resident experts) runs while the
-        # CPU pool computes; the wait below only holds the stream, never the Python thread.
-        engine.enqueue_wait(stream)
+        # NOTE: start and wait in one host function: nothing runs on the GPU meanwhile (no
+        # shared experts in the supported models), and each host function is a round trip from
+        # the stream to a driver thread. GPU work to overlap would go between engine.enqueue and
+        # engine.enqueue_wait; either way only the stream waits, never the Python thread.
+        self.engine.engine.enqueue_run(stream, self.layer_id, t)
         out = torch.empty_like(hidden)
         out.copy_(s.out[:t], non_blocking=True)
         return out

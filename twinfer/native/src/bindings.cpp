@@ -279,6 +279,8 @@ NB_MODULE(_engine, m) {
       .def("wait", &MoEEngine::wait, Release())
       .def("enqueue", &MoEEngine::enqueue, "stream"_a, "layer_id"_a, "num_tokens"_a, Release())
       .def("enqueue_wait", &MoEEngine::enqueue_wait, "stream"_a, Release())
+      .def("enqueue_run", &MoEEngine::enqueue_run, "stream"_a, "layer_id"_a, "num_tokens"_a,
+           Release())
       .def("last_error", &MoEEngine::take_error)
       .def("stats", &stats_dict)
       .def_prop_ro("isa", [](const MoEEngine& e) { return isa_name(e.isa()); })

@@ -217,6 +217,7 @@ class MoEEngine {
   void wait();                             // throws std::runtime_error if the step failed
   void enqueue(uintptr_t stream, int layer, int num_tokens);  // hostfn.cpp
   void enqueue_wait(uintptr_t stream);                        // hostfn.cpp
+  void enqueue_run(uintptr_t stream, int layer, int num_tokens);  // both in one host function
 
   // Host-function bodies: never throw, errors go to last_error.
   void start_async(int layer, int num_tokens) noexcept;
@@ -233,6 +234,7 @@ class MoEEngine {
   int num_layers() const { return static_cast<int>(layers_.size()); }
 
  private:
+  LaunchRecord* launch_record(int layer, int num_tokens);  // cached per (layer, tokens)
   void check_io(const StepIO& io, int num_tokens) const;
   bool launch(int layer, const StepIO& io, int n, bool strict, std::string* err) noexcept;
   bool prepare(ExpertLayer* layer, const StepIO& io, int n, bool strict, std::string* err);

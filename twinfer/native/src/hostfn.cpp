@@ -57,6 +57,14 @@ void host_start(void* arg) {
 
 void host_wait(void* arg) { static_cast<MoEEngine*>(arg)->wait_async(); }
 
+// Start and wait in one host function: one stream-to-host round trip per layer instead of two,
+// for layers with no GPU work to overlap (no shared experts, no device-resident experts).
+void host_run(void* arg) {
+  auto* rec = static_cast<LaunchRecord*>(arg);
+  rec->engine->start_async(rec->layer, rec->num_tokens);
+  rec->engine->wait_async();
+}
+
 void launch_or_throw(uintptr_t stream, CUhostFn fn, void* arg) {
   const Driver& d = driver();
   if (!d.launch) throw std::runtime_error(d.error);
@@ -68,7 +76,7 @@ void launch_or_throw(uintptr_t stream, CUhostFn fn, void* arg) {
 
 }  // namespace
 
-void MoEEngine::enqueue(uintptr_t stream, int layer, int num_tokens) {
+LaunchRecord* MoEEngine::launch_record(int layer, int num_tokens) {
   if (!bound_.out) throw std::invalid_argument("enqueue: call bind_buffers first");
   if (layer < 0 || layer >= num_layers())
     throw std::invalid_argument("layer id " + std::to_string(layer) + " is not one of the " +
@@ -77,14 +85,18 @@ void MoEEngine::enqueue(uintptr_t stream, int layer, int num_tokens) {
     throw std::invalid_argument("num_tokens " + std::to_string(num_tokens) +
                                 " exceeds the bound buffers' " + std::to_string(max_tokens_) +
                                 " tokens");
-  LaunchRecord* rec;
-  {
-    std::lock_guard<std::mutex> lock(launch_mu_);
-    auto& slot = launches_[{layer, num_tokens}];
-    if (!slot) slot = std::make_unique<LaunchRecord>(LaunchRecord{this, layer, num_tokens});
-    rec = slot.get();
-  }
-  launch_or_throw(stream, &host_start, rec);
+  std::lock_guard<std::mutex> lock(launch_mu_);
+  auto& slot = launches_[{layer, num_tokens}];
+  if (!slot) slot = std::make_unique<LaunchRecord>(LaunchRecord{this, layer, num_tokens});
+  return slot.get();
+}
+
+void MoEEngine::enqueue(uintptr_t stream, int layer, int num_tokens) {
+  launch_or_throw(stream, &host_start, launch_record(layer, num_tokens));
+}
+
+void MoEEngine::enqueue_run(uintptr_t stream, int layer, int num_tokens) {
+  launch_or_throw(stream, &host_run, launch_record(layer, num_tokens));
 }
 
 void MoEEngine::enqueue_wait(uintptr_t stream) { launch_or_throw(stream, &host_wait, this); }

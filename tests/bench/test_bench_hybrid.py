@@ -62,8 +62,9 @@ def test_bench_hybrid_cpu(tiny_checkpoints, tmp_path: Path, capsys, monkeypatch)
     assert int4["profile"]["cpu_layer_calls"] == pytest.approx(2)  # a step: one per MoE layer
     assert int4["profile"]["step_wall_ms"] > int4["profile"]["cpu_busy_ms"] > 0
     c2 = load(tmp_path, "hybrid_decode_c2_int4")
-    assert c2["config"]["batch"] == 2 and c2["bound"] == pytest.approx(3 * int4["value"], 1e-3)
-    assert c2["dram_bound_tok_s"] > 0
+    # Bound: the DRAM time of the distinct experts 2 tokens touch (more than one token's).
+    assert c2["config"]["batch"] == 2 and int4["bound"] < c2["bound"] < 2 * int4["bound"]
+    assert c2["speedup_over_bs1"] == pytest.approx(c2["value"] / int4["value"], rel=1e-2)
     ram = load(tmp_path, "hybrid_host_ram")
     assert ram["lower_is_better"] and ram["bound"] == 1.1
     assert set(ram["by_dtype"]) == {"bf16", "int4"} and ram["config"]["dtype"] in ram["by_dtype"]

@@ -5,8 +5,9 @@ Figures (DESIGN.md's benchmark model as in `bench gpu`; bf16 dense part, 16 expe
 - `hybrid_decode_bs1_bf16`, `hybrid_decode_bs1_int4`: decode tokens/s of one sequence; bound:
   measured DRAM read GB/s over the host-expert bytes a token reads (top-k packed experts of every
   layer, int4 with its scales). Targets: 0.85 and 0.70 of the bound.
-- `hybrid_decode_c8_int4`: aggregate decode tokens/s of 8 sequences; its bound is the target,
-  3x batch 1 of the same run; the DRAM bound of the experts 8 tokens touch is kept beside it.
+- `hybrid_decode_c8_int4`: aggregate decode tokens/s of 8 sequences; bound: DRAM GB/s over the
+  bytes of the distinct experts 8 tokens touch (uniform routing: ~52 of 128 per layer at top-8);
+  beside it the speedup over batch 1 of the same run (target 3x).
 - `cpu_expert_kernel_bw`: the engine alone (bf16, batch 1, layer after layer): expert bytes read
   per second over the DRAM GB/s (target 0.85).
 - `hybrid_host_ram`: host RAM the LLM adds over the expert bytes placed there (bound 1.1, lower
@@ -32,7 +33,7 @@ from twinfer.bench.gpu import BENCH_SHAPE, _bench_model, _decode_rate, _profile,
 TARGETS = {
     "hybrid_decode_bs1_bf16": 0.85, "hybrid_decode_bs1_int4": 0.70, "cpu_expert_kernel_bw": 0.85,
 }  # fmt: skip
-BATCH_SPEEDUP = 3.0  # hybrid_decode_c8_int4's bound: this many times batch 1
+BATCH_SPEEDUP = 3.0  # hybrid_decode_c8_int4's target: this many times batch 1
 HOST_RAM_BOUND = 1.1  # host RAM in use per byte of experts placed there
 _KERNEL_SECONDS = 1.0  # per dtype: ~100 passes over all host layers on the benchmark model
 
@@ -197,6 +198,8 @@ def main(args: argparse.Namespace) -> int:
     for r in results:
         sign = "<=" if r.get("lower_is_better") else ">="
         target = "-" if r["target"] is None else f"{sign} {r['target']:g}"
+        if "speedup_over_bs1" in r:
+            target = f"speedup {r['speedup_over_bs1']:.2f}x over batch 1 (target >= 3x)"
         print(f"  {r['benchmark']:<26}{r['value']:>10.2f} {r['unit']:<9} bound {r['bound']:>9.2f}"
               f"  ratio {r['ratio']:.3f}  target {target}")  # fmt: skip
     return 0
@@ -290,16 +293,16 @@ def _figures(
     n = args.concurrency
     prompts = rng.integers(100, vocab, size=(n, args.input_len)).tolist()
     rate = _decode_rate(llm, prompts, args.output_len)
-    # Beside the target, the DRAM bound of the experts n tokens touch (uniform routing).
+    # NOTE: the physical bound is the DRAM time of the distinct experts n tokens touch; with
+    # uniform routing 8 tokens read ~6.5x the bytes of one, so 3x batch 1 may lie beyond it.
     experts = cost.expected_experts(n)
     step_bytes = per_token * experts / config["top_k"]
     dram_bound = n * gbps * 1e9 / step_bytes
-    basis = {**basis, "bound": f"{BATCH_SPEEDUP:g} x {name} of this run"}
     results.append(
         write_result(
-            out, f"hybrid_decode_c{n}_int4", rate, "tokens/s", BATCH_SPEEDUP * bs1,
-            {**config, "batch": n}, bound_basis=basis, target=1.0,
-            dram_bound_tok_s=round(dram_bound, 2), dram_ratio=round(rate / dram_bound, 4),
+            out, f"hybrid_decode_c{n}_int4", rate, "tokens/s", dram_bound,
+            {**config, "batch": n}, bound_basis=basis, target=None,
+            speedup_over_bs1=round(rate / bs1, 3), target_speedup=BATCH_SPEEDUP,
             expected_experts_per_layer=round(experts, 2), step_host_bytes=round(step_bytes),
         )
     )  # fmt: skip

@@ -93,64 +93,65 @@ class MoEPlan:
             self._engine = CpuExpertEngine(self.workers, self.spin_us, self.max_tokens)
         return self._engine
 
+    def layer_bytes(self, s: MoELayerShape) -> int:
+        """Bytes of one layer's routed experts where they live, in their format there."""
+        host = s.layer in self.host_layers
+        fmt = self.host_format if host else self.device_format
+        return s.num_experts * expert_bytes(fmt, s.hidden, s.inner, self.group_size)
+
     def bytes_at(self, location: str) -> int:
-        fmt = self.host_format if location == "host" else self.device_format
-        return sum(
-            s.num_experts * expert_bytes(fmt, s.hidden, s.inner, self.group_size)
-            for s in self.shapes
-            if self.location(s.layer) == location
-        )
+        return sum(self.layer_bytes(s) for s in self.shapes if self.location(s.layer) == location)
 
     def host_bytes_per_token(self) -> int:
         """Host expert bytes a batch-1 decode step reads: top-k experts of every host layer."""
         return sum(
-            s.top_k * expert_bytes(self.host_format, s.hidden, s.inner, self.group_size)
+            self.layer_bytes(s) * s.top_k // s.num_experts
             for s in self.shapes
             if s.layer in self.host_layers
         )
 
     def describe(self, dram_gbps: float | None = None) -> str:
-        """The startup log's placement table: ranges of layers, formats, bytes, decode bound."""
+        """The startup log's placement table: runs of layers, where and in which format their
+        experts live, their bytes, and the batch-1 decode bound the host part implies."""
         fmt = {"host": self.host_format, "gpu": self.device_format}
         if self.host_format == "int4":
             fmt["host"] = f"int4/g{self.group_size}"
         where = {"host": "host RAM", "gpu": "VRAM" if self.device.type == "cuda" else "RAM"}
-        lines = [
-            f"MoE placement: {len(self.shapes)} MoE layers of {self.shapes[0].num_experts} "
-            f"experts (top-{self.shapes[0].top_k}); CPU expert engine: "
-            f"{self.workers.num_threads} threads on NUMA nodes "
-            f"{sorted(set(self.workers.nodes))}" * bool(self.host_layers)
-        ]
-        runs: list[list[Any]] = []  # [first, last, location]
+        first = self.shapes[0]
+        head = f"MoE placement: {len(self.shapes)} MoE layers of {first.num_experts} experts"
+        head += f" (top-{first.top_k})"
+        if self.host_layers:
+            head += (
+                f"; CPU expert engine: {self.workers.num_threads} threads on NUMA nodes "
+                f"{sorted(set(self.workers.nodes))}"
+            )
+        lines = [head]
+        runs: list[list[Any]] = []  # [first layer, last layer, location, bytes]
         for s in self.shapes:
             loc = self.location(s.layer)
             if runs and runs[-1][2] == loc:
                 runs[-1][1] = s.layer
+                runs[-1][3] += self.layer_bytes(s)
             else:
-                runs.append([s.layer, s.layer, loc])
-        for first, last, loc in runs:
-            n = sum(1 for s in self.shapes if first <= s.layer <= last)
-            layer_bytes = (
-                self.bytes_at(loc)
-                * n
-                // max(1, sum(1 for s in self.shapes if self.location(s.layer) == loc))
-            )
-            span = f"layer {first}" if first == last else f"layers {first}-{last}"
-            lines.append(
-                f"  {span}: experts in {where[loc]} as {fmt[loc]}, {layer_bytes / 2**30:.2f} GiB"
-            )
+                runs.append([s.layer, s.layer, loc, self.layer_bytes(s)])
+        for lo, hi, loc, nbytes in runs:
+            span = f"layer {lo}" if lo == hi else f"layers {lo}-{hi}"
+            lines.append(f"  {span}: experts in {where[loc]} as {fmt[loc]}, {_size(nbytes)}")
         lines.append(
-            f"  dense part {self.dense_bytes / 2**30:.2f} GiB + device experts "
-            f"{self.bytes_at('gpu') / 2**30:.2f} GiB on {self.device.type}; host experts "
-            f"{self.bytes_at('host') / 2**30:.2f} GiB"
+            f"  dense part {_size(self.dense_bytes)} + experts {_size(self.bytes_at('gpu'))} in "
+            f"{where['gpu']}; experts {_size(self.bytes_at('host'))} in host RAM"
         )
         if self.host_layers and dram_gbps:
             per_token = self.host_bytes_per_token()
             lines.append(
-                f"  decode bound at batch 1: {per_token / 1e6:.0f} MB of host experts per token "
-                f"/ {dram_gbps:.0f} GB/s DRAM read = {dram_gbps * 1e9 / per_token:.0f} tokens/s"
+                f"  decode bound at batch 1: {_size(per_token)} of host experts per token / "
+                f"{dram_gbps:.0f} GB/s DRAM read = {dram_gbps * 1e9 / per_token:,.0f} tokens/s"
             )
         return "\n".join(lines)
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 _CURRENT: ContextVar[MoEPlan | None] = ContextVar("twinfer_moe_plan", default=None)

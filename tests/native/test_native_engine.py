@@ -8,6 +8,7 @@ dequantized int8/int4 weights), so the tolerance measures the engine, not the fo
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -283,6 +284,38 @@ def test_bad_input() -> None:
     eng.wait()
 
 
+def test_stream_signal_listener() -> None:
+    """The listener answers what a stream's memory operations would write: a ready word
+    (tokens << 12 | layer + 1) starts the step, the answer word gets the same code when it is
+    done, and the ready word is cleared. Here Python plays the stream."""
+    ex = Experts(8, 64, 32, "bf16")
+    pool = _pool(len(_CPUS))
+    eng, lid = _engine(pool, ex.layer(pool))
+    T = 3
+    x = _randn(T, 64).bfloat16()
+    ids, w = _routing(T, 8, 2, ids_dtype=torch.int32)
+    want = _forward(eng, lid, x, ids, w)
+    out = torch.zeros(T, 64, dtype=torch.bfloat16)
+    eng.bind_buffers(
+        x.data_ptr(), "bf16", ids.data_ptr(), "int32", w.data_ptr(), "f32", out.data_ptr(), T, 2
+    )
+    words = torch.zeros(32, dtype=torch.int32)  # [0] ready, [16] answered: two cache lines
+    eng.bind_signals(words[0:].data_ptr(), words[16:].data_ptr(), 100)
+    for rows in (T, 1):
+        code = (rows << 12) | (lid + 1)
+        words[16] = 0  # the stream clears the answer after each wait
+        words[0] = code
+        deadline = time.monotonic() + 10
+        while int(words[16]) != code and time.monotonic() < deadline:
+            time.sleep(1e-4)
+        assert int(words[16]) == code and int(words[0]) == 0
+        assert torch.equal(out[:rows], _forward(eng, lid, x[:rows], ids[:rows], w[:rows]))
+    assert torch.equal(out[1:], want[1:])
+    with pytest.raises(ValueError, match="distinct"):
+        eng.bind_signals(words.data_ptr(), words.data_ptr(), 0)
+    del eng  # joins the listener
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
 def test_enqueue_without_cuda() -> None:
     ex = Experts(2, 64, 32, "bf16")
@@ -301,6 +334,8 @@ def test_enqueue_without_cuda() -> None:
         eng.enqueue_run(0, lid, 1)
     with pytest.raises(ValueError, match="layer id 7"):
         eng.enqueue_run(0, 7, 1)
+    with pytest.raises(ValueError, match="bind_signals first"):
+        eng.enqueue_signal(0, lid, 1)
 
 
 def test_isa_cap(monkeypatch) -> None:

@@ -2,18 +2,21 @@
 
 Shapes: `T` tokens, `H` hidden, `E` experts, `K` top-k, `I` expert inner size.
 
-On a CUDA device a layer's call is three kinds of stream operations: copies of hidden, top-k ids
-and weights into pinned host buffers; a host function that runs the layer on the CPU pool (the
-engine also has start and wait as two host functions, for GPU work to overlap between them); a
-copy of the result back. Host functions are stream operations, so eager steps and CUDA-graph
-replays run the same path and a whole decode step, CPU experts included, replays as one graph.
-On the CPU the engine is called directly.
+On a CUDA device a layer's call is a few stream operations: copies of hidden, top-k ids and
+weights into pinned host buffers; the CPU step; a copy of the result back. The CPU step is
+ordered on the stream either by stream signals (the stream writes a pinned word that the engine's
+listener thread polls, and waits for its answer: a few microseconds) or by a host function (a
+round trip through a CUDA driver thread woken by an interrupt: ~0.1 ms a layer on a VM; the
+fallback where the driver lacks stream memory operations, or with TWINFER_CPU_EXPERT_SYNC=hostfn).
+Both are stream operations, so eager steps and CUDA-graph replays run the same path and a whole
+decode step, CPU experts included, replays as one graph. On the CPU the engine is called directly.
 Without the native module, host experts run torch's reference backend (eager only).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +85,12 @@ class CpuExpertEngine:
         self.engine = native_engine.MoEEngine(self.pool) if self.pool is not None else None
         self.staging: _Staging | None = None
         self._gbps: float | None = None
+        self.spin_us = spin_us
+        self.signals: Tensor | None = None  # pinned [ready, ..., answered]: stream signals
+
+    def __del__(self) -> None:
+        # The native engine first: its listener thread polls `self.signals` until it is joined.
+        self.engine = None
 
     @property
     def native(self) -> bool:
@@ -138,7 +147,30 @@ class CpuExpertEngine:
                 s.weights.data_ptr(), dtype_name(s.weights), s.out.data_ptr(), rows, k,
             )  # fmt: skip
             self.staging = s
+            self._bind_signals()
         return self.staging
+
+    def _bind_signals(self) -> None:
+        if os.environ.get("TWINFER_CPU_EXPERT_SYNC", "signal") == "hostfn":
+            return
+        if self.signals is None and self.engine.signals_available():
+            with torch.inference_mode(False):
+                self.signals = torch.zeros(32, dtype=torch.int32, pin_memory=True)
+            # Two cache lines: the stream's word and the listener's answer.
+            self.engine.bind_signals(
+                self.signals[0:].data_ptr(), self.signals[16:].data_ptr(), self.spin_us
+            )
+
+    def enqueue(self, stream: int, layer_id: int, num_tokens: int) -> None:
+        """Order one layer's CPU step on `stream` (stream signals, else a host function)."""
+        if self.signals is not None:
+            try:
+                self.engine.enqueue_signal(stream, layer_id, num_tokens)
+                return
+            except RuntimeError as exc:  # the first (eager) step finds out, before any capture
+                logger.warning("stream signals unavailable (%s); using host functions", exc)
+                self.signals = None
+        self.engine.enqueue_run(stream, layer_id, num_tokens)
 
 
 class HostExperts:
@@ -194,11 +226,10 @@ class HostExperts:
         s.ids[:t].copy_(topk_ids, non_blocking=True)
         s.weights[:t].copy_(topk_weights, non_blocking=True)
         stream = torch.cuda.current_stream(hidden.device).cuda_stream
-        # NOTE: start and wait in one host function: nothing runs on the GPU meanwhile (no
-        # shared experts in the supported models), and each host function is a round trip from
-        # the stream to a driver thread. GPU work to overlap would go between engine.enqueue and
-        # engine.enqueue_wait; either way only the stream waits, never the Python thread.
-        self.engine.engine.enqueue_run(stream, self.layer_id, t)
+        # NOTE: start and wait as one stream operation: nothing runs on the GPU meanwhile (no
+        # shared experts in the supported models). GPU work to overlap would go between the
+        # native engine's enqueue and enqueue_wait. Only the stream waits, never this thread.
+        self.engine.enqueue(stream, self.layer_id, t)
         out = torch.empty_like(hidden)
         out.copy_(s.out[:t], non_blocking=True)
         return out

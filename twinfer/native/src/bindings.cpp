@@ -281,6 +281,11 @@ NB_MODULE(_engine, m) {
       .def("enqueue_wait", &MoEEngine::enqueue_wait, "stream"_a, Release())
       .def("enqueue_run", &MoEEngine::enqueue_run, "stream"_a, "layer_id"_a, "num_tokens"_a,
            Release())
+      .def("signals_available", &MoEEngine::signals_available)
+      .def("bind_signals", &MoEEngine::bind_signals, "ready_ptr"_a, "done_ptr"_a, "spin_us"_a,
+           Release())
+      .def("enqueue_signal", &MoEEngine::enqueue_signal, "stream"_a, "layer_id"_a,
+           "num_tokens"_a, Release())
       .def("last_error", &MoEEngine::take_error)
       .def("stats", &stats_dict)
       .def_prop_ro("isa", [](const MoEEngine& e) { return isa_name(e.isa()); })

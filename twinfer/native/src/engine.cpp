@@ -45,7 +45,10 @@ MoEEngine::MoEEngine(ThreadPool& pool) : pool_(pool), isa_(resolve_isa("")) {
   workers_ = std::make_unique<Worker[]>(pool.num_threads());
 }
 
-MoEEngine::~MoEEngine() { pool_.wait(); }
+MoEEngine::~MoEEngine() {
+  stop_signals();
+  pool_.wait();
+}
 
 int MoEEngine::add_layer(ExpertLayer* layer) {
   if (&layer->pool() != &pool_)

@@ -18,6 +18,7 @@
 #include <new>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -218,6 +219,11 @@ class MoEEngine {
   void enqueue(uintptr_t stream, int layer, int num_tokens);  // hostfn.cpp
   void enqueue_wait(uintptr_t stream);                        // hostfn.cpp
   void enqueue_run(uintptr_t stream, int layer, int num_tokens);  // both in one host function
+  // Stream signals (hostfn.cpp): the stream writes a word in pinned memory that a listener thread
+  // polls, and waits for the listener's answer in another: no host function, no interrupt.
+  bool signals_available() const;  // the driver has the stream memory operations
+  void bind_signals(uintptr_t ready, uintptr_t done, int spin_us);  // starts the listener
+  void enqueue_signal(uintptr_t stream, int layer, int num_tokens);
 
   // Host-function bodies: never throw, errors go to last_error.
   void start_async(int layer, int num_tokens) noexcept;
@@ -235,6 +241,8 @@ class MoEEngine {
 
  private:
   LaunchRecord* launch_record(int layer, int num_tokens);  // cached per (layer, tokens)
+  void listen();       // the listener thread's loop (hostfn.cpp)
+  void stop_signals();  // joins the listener
   void check_io(const StepIO& io, int num_tokens) const;
   bool launch(int layer, const StepIO& io, int n, bool strict, std::string* err) noexcept;
   bool prepare(ExpertLayer* layer, const StepIO& io, int n, bool strict, std::string* err);
@@ -259,6 +267,11 @@ class MoEEngine {
   std::atomic<int> active_tokens_{INT32_MAX};
   std::mutex launch_mu_;
   std::map<std::pair<int, int>, std::unique_ptr<LaunchRecord>> launches_;  // (layer, tokens)
+  std::atomic<uint32_t>* ready_ = nullptr;  // pinned: (tokens << 12) | (layer + 1), 0 = none
+  std::atomic<uint32_t>* answered_ = nullptr;  // pinned: the code of the step done, 0 = none
+  int listen_spin_us_ = 0;
+  std::atomic<bool> stop_listener_{false};
+  std::thread listener_;
 
   // ---- the step in flight (written by prepare before the job starts) ----
   ExpertLayer* cur_ = nullptr;

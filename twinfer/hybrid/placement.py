@@ -307,7 +307,10 @@ def fill_vram_budget(plan: MoEPlan, info: ModelInfo) -> None:
     free, total = torch.cuda.mem_get_info(info.device)
     budget_gib = parse_vram_budget(plan.vram_budget)
     if budget_gib is None:
-        kv = _kv_bytes_per_token(info) * info.max_model_len
+        from twinfer.bench.model_cost import ModelCost
+
+        dtype = str(info.dtype).removeprefix("torch.")
+        kv = ModelCost.from_config(info.hf_config, dtype).kv_bytes_per_token * info.max_model_len
         budget = int(min(plan.gpu_memory_utilization * total, free)) - kv - _AUTO_RESERVE_BYTES
         what = (
             f"auto: {free / 2**30:.1f} GiB free, less {kv / 2**30:.2f} GiB of KV cache for one "
@@ -351,13 +354,6 @@ def fill_vram_budget(plan: MoEPlan, info: ModelInfo) -> None:
         len(plan.shapes) - len(host),
         len(plan.shapes),
     )
-
-
-def _kv_bytes_per_token(info: ModelInfo) -> int:
-    c = info.hf_config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * heads * head_dim * info.dtype.itemsize
 
 
 def _ranges(layers: list[int]) -> str:

@@ -173,6 +173,11 @@ nb::list shard_plan(const ExpertLayer& layer) {
     d["hidden_begin"] = s.h0, d["hidden_end"] = s.h1;
     d["threads"] = layer.pool().group_size(static_cast<int>(g));
     d["bound"] = s.arena.bound();
+    // Where the packed bytes live (GPU streaming copies the arena and reads it in place):
+    // expert e's gate, up and down start at arena + e * stride + {0, up_off, down_off}.
+    d["arena_ptr"] = reinterpret_cast<uintptr_t>(s.arena.data());
+    d["arena_bytes"] = s.stride * static_cast<size_t>(layer.num_experts());
+    d["stride"] = s.stride, d["up_off"] = s.up_off, d["down_off"] = s.down_off;
     out.append(d);
   }
   return out;

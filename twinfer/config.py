@@ -222,6 +222,22 @@ class EngineConfig:
             "the GPU's part of the step (less power, a few us more per layer)."
         },
     )
+    gpu_prefill_min_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Forwards of at least this many tokens copy host-resident experts to the "
+            "GPU layer by layer and compute them there (default: from a cost model of the "
+            "measured PCIe and CPU expert speeds, printed at startup; 0: never)."
+        },
+    )
+    gpu_prefetch_window: int = field(
+        default=2,
+        metadata={
+            "help": "GPU prefill streaming: staging buffers in VRAM, each one host layer's "
+            "experts; copies run up to N-1 layers ahead of the computing layer (0: no "
+            "prefetch, copy each layer when its routing is known, only experts with tokens)."
+        },
+    )
     compilation_config: CompilationConfig = field(
         default_factory=CompilationConfig,
         metadata={"help": 'JSON, e.g. \'{"cudagraph_mode": "none"}\' (YAML: dotted keys).'},
@@ -314,6 +330,15 @@ class EngineConfig:
                 f"moe_cpu_group_size must be one of {_INT4_GROUP_SIZES}, got "
                 f"{self.moe_cpu_group_size}."
             )
+        if self.gpu_prefill_min_tokens is not None and self.gpu_prefill_min_tokens < 0:
+            raise ValueError(
+                f"gpu_prefill_min_tokens must be at least 0 (0 turns GPU prefill streaming "
+                f"off), got {self.gpu_prefill_min_tokens}."
+            )
+        if self.gpu_prefetch_window < 0:
+            raise ValueError(
+                f"gpu_prefetch_window must be at least 0, got {self.gpu_prefetch_window}."
+            )
         if self.moe_cpu_threads is not None and self.moe_cpu_threads < 1:
             raise ValueError(f"moe_cpu_threads must be at least 1, got {self.moe_cpu_threads}.")
         if self.moe_thread_binding not in _THREAD_BINDINGS:
@@ -327,13 +352,23 @@ class EngineConfig:
         """The dtype asked for, or None for auto (resolved against the checkpoint and device)."""
         return _DTYPES[self.dtype]
 
-    def resolved_max_num_batched_tokens(self, device: torch.device) -> int:
+    def resolved_max_num_batched_tokens(
+        self, device: torch.device, host_experts: bool = False
+    ) -> int:
         """The step's token budget. NOTE: on the CPU, 256 tokens already keep every core busy
         (SmolLM2 prefill: same tokens/s at 256 and 512, and 2048 is no faster), while shorter
-        steps bound the inter-token latency of running decodes and how soon an abort lands."""
+        steps bound the inter-token latency of running decodes and how soon an abort lands.
+        With host experts streamed to a GPU for prefill, every chunk copies each host layer's
+        experts once, so chunks of 8192 copy them a quarter as often as 2048 would."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return 256 if device.type == "cpu" else 2048
+        if device.type == "cpu":
+            return 256
+        return 8192 if self.streams_prefill(device, host_experts) else 2048
+
+    def streams_prefill(self, device: torch.device, host_experts: bool) -> bool:
+        """Whether long forwards may stream host-resident experts to the GPU."""
+        return device.type == "cuda" and host_experts and self.gpu_prefill_min_tokens != 0
 
     def resolved_backend(self, which: str, device: torch.device) -> str:
         """The kernel backend of `which` ("attention_backend" or "moe_backend") on `device`."""

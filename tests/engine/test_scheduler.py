@@ -143,3 +143,140 @@ def test_random_workload_keeps_the_pool_consistent() -> None:
             make_request(f"r{i}", rng.randrange(1, 30), max_tokens=rng.randrange(1, 12))
         )
     run_to_completion(sched, next_token=lambda req: rng.randrange(1, 100), max_steps=5000)
+
+
+# ---- background prefill: streamed prompt chunks run beside the steps ----
+
+
+def background_scheduler(min_tokens=8, **kw) -> Scheduler:
+    sched = make_scheduler(**kw)
+    sched.runs_in_background = lambda n: n >= min_tokens
+    return sched
+
+
+def run_step_bg(sched: Scheduler, finish_after: int, state: dict) -> tuple:
+    """A step with a fake runner whose background chunk finishes `finish_after` steps after it
+    started (0: within the step that starts it)."""
+    out = sched.schedule()
+    by_request = {}
+    for item in out.scheduled:
+        req = item.request
+        done = req.num_computed_tokens + item.num_new_tokens == req.num_tokens
+        by_request[req.request_id] = SampledToken(7 if done else None)
+    if out.background is not None:
+        state["left"] = finish_after
+        state["item"] = out.background
+    background = None
+    if out.background_in_flight:
+        if state["left"] == 0 or not out.scheduled:  # nothing else to do: the runner waits
+            item = state["item"]
+            req = item.request
+            done = req.num_computed_tokens + item.num_new_tokens == req.num_tokens
+            background = SampledToken(7 if done else None)
+        else:
+            state["left"] -= 1
+    return out, sched.update_from_output(out, RunnerOutput(by_request, background))
+
+
+def test_long_prompt_chunks_run_in_the_background_while_decodes_step() -> None:
+    sched = background_scheduler(min_tokens=8, budget=16)
+    sched.add_request(make_request("d", 3, max_tokens=20))
+    state: dict = {}
+    run_step_bg(sched, 3, state)  # d's prompt (3 tokens) in the foreground
+    sched.add_request(make_request("long", 40, max_tokens=2))
+    out, _ = run_step_bg(sched, 3, state)
+    assert out.background.request.request_id == "long"
+    assert out.background.num_new_tokens == 16  # one budget's worth, outside the budget
+    assert [i.request.request_id for i in out.scheduled] == ["d"]
+    # While the chunk runs, d decodes every step and "long" is not scheduled again.
+    for _ in range(3):
+        out, _ = run_step_bg(sched, 3, state)
+        assert [i.request.request_id for i in out.scheduled] == ["d"]
+        assert out.background_in_flight
+        assert sched.num_running == 2
+    chunks = []
+    for _ in range(40):
+        out, _ = run_step_bg(sched, 3, state)
+        if out.background is not None:
+            chunks.append(out.background.num_new_tokens)
+        if not sched.has_unfinished_requests():
+            break
+    assert chunks == [16, 8]  # the last 8 tokens: still at the threshold
+    assert sched.requests == {}
+    assert sched.kv_cache.num_free_blocks == sched.kv_cache.num_blocks
+
+
+def test_short_tail_and_prompt_logprobs_stay_in_the_foreground() -> None:
+    sched = background_scheduler(min_tokens=8, budget=16)
+    sched.add_request(make_request("a", 20, max_tokens=1))
+    sched.add_request(make_request("lp", 12, max_tokens=1, prompt_logprobs=1))
+    state: dict = {}
+    out, _ = run_step_bg(sched, 0, state)
+    assert out.background.request.request_id == "a"
+    assert [(i.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("lp", 12)]
+    out, _ = run_step_bg(sched, 0, state)
+    assert out.background is None  # a's last 4 tokens are below the threshold
+    assert ("a", 4) in [(i.request.request_id, i.num_new_tokens) for i in out.scheduled]
+    for _ in range(10):
+        if not sched.has_unfinished_requests():
+            break
+        run_step_bg(sched, 0, state)
+    assert sched.kv_cache.num_free_blocks == sched.kv_cache.num_blocks
+
+
+def test_abort_of_a_running_chunk_frees_its_blocks_when_it_finishes() -> None:
+    sched = background_scheduler(min_tokens=8, budget=16)
+    sched.add_request(make_request("d", 3, max_tokens=50))
+    sched.add_request(make_request("long", 40, max_tokens=2))
+    state: dict = {}
+    run_step_bg(sched, 5, state)  # d's prompt and the first chunk of "long"
+    used = sched.kv_cache.num_blocks - sched.kv_cache.num_free_blocks
+    sched.finish_requests(["long"], RequestStatus.FINISHED_ABORTED)
+    assert "long" in sched.requests  # the chunk still writes its blocks
+    assert sched.kv_cache.num_blocks - sched.kv_cache.num_free_blocks == used
+    for _ in range(6):
+        run_step_bg(sched, 5, state)
+    assert "long" not in sched.requests and sched.in_flight is None
+    sched.finish_requests(["d"], RequestStatus.FINISHED_ABORTED)
+    assert sched.kv_cache.num_free_blocks == sched.kv_cache.num_blocks
+
+
+def test_preemption_never_takes_the_running_chunk() -> None:
+    sched = background_scheduler(min_tokens=8, num_blocks=12, block_size=4, budget=16)
+    sched.add_request(make_request("long", 32, max_tokens=1))
+    sched.add_request(make_request("d", 4, max_tokens=30))
+    state: dict = {}
+    out, _ = run_step_bg(sched, 100, state)
+    assert out.background.request.request_id == "long"
+    preempted = []
+    for _ in range(30):  # d grows until blocks run out; only d itself can be preempted
+        out, _ = run_step_bg(sched, 100, state)
+        preempted += out.preempted_req_ids
+        if not out.scheduled:  # nothing else to run: the chunk completes now
+            break
+        assert sched.in_flight is not None
+    assert preempted == ["d"]
+    for _ in range(100):
+        if not sched.has_unfinished_requests():
+            break
+        run_step_bg(sched, 100, state)
+    assert sched.kv_cache.num_free_blocks == sched.kv_cache.num_blocks
+
+
+def test_prefix_hits_stop_at_blocks_a_running_chunk_has_not_written() -> None:
+    sched = background_scheduler(min_tokens=8, budget=16, block_size=4)
+    sched.add_request(make_request("d", 3, max_tokens=20))  # keeps the foreground busy
+    first = make_request("a", 24, max_tokens=1)
+    sched.add_request(first)
+    state: dict = {}
+    out, _ = run_step_bg(sched, 10, state)  # a's first 16 tokens in flight
+    twin = Request("b", list(first.prompt_token_ids), SamplingParams(max_tokens=1), {EOS}, 1)
+    sched.add_request(twin)
+    run_step_bg(sched, 10, state)
+    assert twin.num_cached_tokens == 0  # a's 4 cached blocks are not written yet
+    assert twin.num_computed_tokens == 15  # the rest of the budget, computed by b itself
+    for _ in range(40):
+        if not sched.has_unfinished_requests():
+            break
+        run_step_bg(sched, 10, state)
+    assert sched.kv_cache.num_free_blocks == sched.kv_cache.num_blocks

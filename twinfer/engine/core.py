@@ -28,8 +28,11 @@ class EngineCore:
         scheduler = Scheduler(
             kv_cache,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.resolved_max_num_batched_tokens(info.device),
+            max_num_batched_tokens=config.resolved_max_num_batched_tokens(
+                info.device, info.has_host_experts
+            ),
             max_model_len=info.max_model_len,
+            runs_in_background=runner.runs_in_background if runner.streamer else None,
         )
         return cls(scheduler, runner)
 

@@ -234,7 +234,9 @@ def plan_moe(config: EngineConfig, info: ModelInfo, model_cls: type) -> MoEPlan 
         # cores between layers, and power saving trades a wake-up per layer for the spinning.
         spin_us=20 if config.moe_cpu_power_saving or device.type == "cpu" else 2000,
         # A step's tokens, or a CUDA graph's padded decode batch if that is larger.
-        max_tokens=max(config.resolved_max_num_batched_tokens(device), config.max_num_seqs),
+        max_tokens=max(
+            config.resolved_max_num_batched_tokens(device, bool(host)), config.max_num_seqs
+        ),
         device=device,
         dense_bytes=dense_bytes,
         vram_budget=config.moe_vram_budget,

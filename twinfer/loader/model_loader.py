@@ -40,6 +40,10 @@ class ModelInfo:
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read
     moe_plan: MoEPlan | None = None  # where routed experts live (hybrid.placement)
 
+    @property
+    def has_host_experts(self) -> bool:
+        return self.moe_plan is not None and bool(self.moe_plan.host_layers)
+
 
 @functools.lru_cache(maxsize=2)
 def open_gguf(path: Path) -> Any:

@@ -118,7 +118,8 @@ def profile_activation_peak(runner, num_tokens: int, num_seqs: int) -> int:
         total = sum(lens)
         ids = torch.zeros(total, dtype=torch.long, device=device)
         pos = torch.cat([torch.arange(n, device=device) for n in lens])
-        with set_forward_context(runner.attn_backend.build_metadata(common)):
+        metadata = runner.attn_backend.build_metadata(common)
+        with set_forward_context(metadata), runner.stream_session(total):
             hidden = runner.model(ids, pos)  # [T, H]
         logits = runner.model.compute_logits(hidden[: min(num_seqs, total)])  # [S, V]
         logits.log_softmax(-1).topk(min(20, logits.shape[-1]), dim=-1)
@@ -138,8 +139,12 @@ def profile_activation_peak(runner, num_tokens: int, num_seqs: int) -> int:
 def plan_gpu_memory(runner, use_graphs: bool, baseline: int) -> GpuMemoryPlan:
     """`baseline`: memory_in_use() taken before the weights were loaded."""
     config = runner.config
-    tokens = config.resolved_max_num_batched_tokens(runner.device)
+    tokens = config.resolved_max_num_batched_tokens(runner.device, runner.info.has_host_experts)
     peak = profile_activation_peak(runner, tokens, config.max_num_seqs)
+    if runner.streamer is not None:
+        # NOTE: a streamed prompt chunk runs beside the next steps (background prefill), so two
+        # steps' activations can be live at once.
+        peak *= 2
     free, total = torch.cuda.mem_get_info(runner.device)
     plan = GpuMemoryPlan(
         total=total,

@@ -5,13 +5,22 @@ Legend: `T` tokens of the step, `S` scheduled sequences, `N` rows that need logi
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from twinfer.config import EngineConfig
-from twinfer.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
+from twinfer.engine.scheduler import (
+    RunnerOutput,
+    SampledToken,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from twinfer.hybrid.gpu_prefill import PrefillStreamer, use_stream_session
 from twinfer.layers.attention import (
     Attention,
     CommonAttentionMetadata,
@@ -30,6 +39,34 @@ logger = logging.getLogger(__name__)
 # start: 1 GiB keeps start-up quick and leaves RAM for the weights; raise --kv-cache-memory-bytes.
 _CPU_DEFAULT_KV_BYTES = 2**30
 _PROMPT_LOGITS_ROWS = 256
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """A step's scheduled requests flattened into the forward's inputs."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_start_loc: list[int] = field(default_factory=lambda: [0])
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # token index sampled, per request
+    sample_reqs: list = field(default_factory=list)
+    prompt_lp: list[tuple[str, int, int, int]] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class BackgroundPrefill:
+    """A streamed prompt chunk enqueued on the prefill stream beside the decode steps."""
+
+    item: ScheduledRequest
+    inputs: StepInputs
+    last_hidden: torch.Tensor | None  # [1, H] when the chunk ends the prompt (sampled later)
+    done: torch.cuda.Event
 
 
 class ModelRunner:
@@ -59,6 +96,12 @@ class ModelRunner:
         device_moe = {moe_backend for m in moe_layers if not m.on_host}
         on_gpu_with_cpu_experts = self.cpu_experts is not None and self.device.type == "cuda"
         self.step_done = torch.cuda.Event(blocking=True) if on_gpu_with_cpu_experts else None
+        self.streamer = self._make_streamer(moe_layers) if on_gpu_with_cpu_experts else None
+        # Streamed prompt chunks that never wait on the host run on their own stream, beside
+        # the decode steps (one at a time: they share the staging buffers).
+        self.prefill_stream = torch.cuda.Stream(self.device) if self.streamer else None
+        self.background: BackgroundPrefill | None = None
+        self.background_chunks = 0  # since start
         self.use_cuda_graphs = config.use_cuda_graphs(self.device)
         if self.use_cuda_graphs and (self.attn_backend.name != "triton" or device_moe - {"triton"}):
             # The torch kernels sync with the host (the expert loop, SDPA masks): not capturable.
@@ -73,6 +116,40 @@ class ModelRunner:
         # Next prompt position whose logprob is still owed (survives preemption and recompute).
         self.prompt_logprobs_pos: dict[str, int] = {}
         self.num_blocks = 0
+
+    def _make_streamer(self, moe_layers: list[MoELayer]) -> PrefillStreamer | None:
+        """GPU prefill streaming of the host experts, unless off or the CPU always wins."""
+        config = self.config
+        host = [m for m in moe_layers if m.host_experts is not None]
+        if config.gpu_prefill_min_tokens == 0 or not self.cpu_experts.native or not host:
+            return None
+        budget = config.resolved_max_num_batched_tokens(self.device, True)
+        streamer = PrefillStreamer(
+            host, self.device, config.gpu_prefetch_window, config.gpu_prefill_min_tokens, budget
+        )
+        if streamer.min_tokens is None:
+            streamer.close()
+            return None
+        logger.info(
+            "GPU prefill streaming: %d staging buffer(s) of %.0f MiB in VRAM",
+            len(streamer.buffers),
+            streamer.layer_bytes / 2**20,
+        )
+        return streamer
+
+    def runs_in_background(self, num_tokens: int) -> bool:
+        """Whether a prompt chunk of `num_tokens` tokens runs beside the decode steps."""
+        return self.streamer is not None and self.streamer.in_background(num_tokens)
+
+    @contextlib.contextmanager
+    def stream_session(self, num_tokens: int) -> Iterator[None]:
+        """Host experts of a forward of `num_tokens` stream to the GPU when that is faster (and
+        no background chunk holds the staging buffers)."""
+        session = None
+        if self.streamer is not None and self.background is None:
+            session = self.streamer.session(num_tokens)
+        with use_stream_session(session):
+            yield
 
     # ---- KV cache ----
     def kv_bytes_per_token(self) -> int:
@@ -145,95 +222,123 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Enqueue the step's background chunk (if any), run its foreground batch, and collect
+        a finished background chunk (waiting for it when the step has nothing else)."""
         self.free_requests(sched.finished_req_ids)
+        if sched.background is not None:
+            self._launch_background(sched.background)
+        by_request = self._run(sched.scheduled) if sched.scheduled else {}
+        return RunnerOutput(by_request, self._collect_background(wait=not sched.scheduled))
 
+    def _inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []  # token index whose logits are sampled, per sampling request
-        sample_reqs = []
-        prompt_lp: list[tuple[str, int, int, int]] = []  # (req id, first row, count, top-n)
-        prompt_rows: list[int] = []
-        prompt_targets: list[int] = []
-        for item in sched.scheduled:
+        x = StepInputs()
+        for item in scheduled:
             req = item.request
             start = req.num_computed_tokens
             end = start + item.num_new_tokens
-            base = len(input_ids)
-            input_ids.extend(req.all_token_ids[start:end])
-            positions.extend(range(start, end))
+            base = len(x.input_ids)
+            x.input_ids.extend(req.all_token_ids[start:end])
+            x.positions.extend(range(start, end))
             blocks = item.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(end - start)
-            seq_lens.append(end)
-            query_start_loc.append(len(input_ids))
+            x.slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            x.query_lens.append(end - start)
+            x.seq_lens.append(end)
+            x.query_start_loc.append(len(x.input_ids))
+            x.block_ids.append(blocks)
             if end == req.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
-                sample_reqs.append(req)
+                x.sample_rows.append(len(x.input_ids) - 1)
+                x.sample_reqs.append(req)
             if req.sampling_params.prompt_logprobs is not None:
                 # Position p's logits score prompt token p + 1.
                 first = max(start, self.prompt_logprobs_pos.get(req.request_id, 0))
                 last = min(end, req.num_prompt_tokens - 1)
                 if last > first:
                     n = req.sampling_params.prompt_logprobs
-                    prompt_lp.append((req.request_id, len(prompt_rows), last - first, n))
-                    prompt_rows.extend(base + p - start for p in range(first, last))
-                    prompt_targets.extend(req.prompt_token_ids[first + 1 : last + 1])
+                    x.prompt_lp.append((req.request_id, len(x.prompt_rows), last - first, n))
+                    x.prompt_rows.extend(base + p - start for p in range(first, last))
+                    x.prompt_targets.extend(req.prompt_token_ids[first + 1 : last + 1])
                     self.prompt_logprobs_pos[req.request_id] = last
+        return x
 
-        block_ids = [item.block_ids for item in sched.scheduled]
+    def _run(self, scheduled: list[ScheduledRequest]) -> dict[str, SampledToken]:
+        x = self._inputs(scheduled)
         if self.cpu_experts is not None:
-            self.cpu_experts.set_num_tokens(len(input_ids))
+            self.cpu_experts.set_num_tokens(len(x.input_ids))
         graphs = self.graphs
-        if graphs is not None and len(input_ids) == len(block_ids) <= graphs.max_batch:
+        if graphs is not None and len(x.input_ids) == len(x.block_ids) <= graphs.max_batch:
             # Every sequence has one query token: a decode step, replayed from a CUDA graph.
-            hidden = graphs.run(input_ids, positions, slots, seq_lens, block_ids)  # [S, H]
+            hidden = graphs.run(x.input_ids, x.positions, x.slots, x.seq_lens, x.block_ids)
         else:
-            hidden = self._forward_eager(
-                input_ids, positions, slots, query_start_loc, query_lens, seq_lens, block_ids
-            )
+            hidden = self._forward_eager(x)  # [T, H]
 
-        by_request = {item.request.request_id: SampledToken(None) for item in sched.scheduled}
-        if sample_rows:
-            self._sample(hidden, sample_rows, sample_reqs, by_request)
-        if prompt_rows:
-            self._prompt_logprobs(hidden, prompt_rows, prompt_targets, prompt_lp, by_request)
-        return RunnerOutput(by_request)
+        by_request = {item.request.request_id: SampledToken(None) for item in scheduled}
+        if x.sample_rows:
+            self._sample(hidden, x.sample_rows, x.sample_reqs, by_request)
+        if x.prompt_rows:
+            self._prompt_logprobs(hidden, x.prompt_rows, x.prompt_targets, x.prompt_lp, by_request)
+        return by_request
 
-    def _forward_eager(
-        self, input_ids, positions, slots, query_start_loc, query_lens, seq_lens, block_ids
-    ) -> torch.Tensor:  # [T, H]
+    def _launch_background(self, item: ScheduledRequest) -> None:
+        """Enqueue a streamed prompt chunk on the prefill stream and return at once: nothing in
+        its forward waits on the host, so decode steps keep running on the main stream."""
+        if self.background is not None:
+            raise RuntimeError("a background prefill chunk is already in flight")
+        x = self._inputs([item])
+        stream = self.prefill_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            hidden = self._forward_eager(x)
+            last = hidden[-1:] if x.sample_rows else None
+            done = torch.cuda.Event(blocking=True)
+            done.record(stream)
+        self.background = BackgroundPrefill(item, x, last, done)
+        self.background_chunks += 1
+
+    def _collect_background(self, wait: bool) -> SampledToken | None:
+        """The in-flight chunk's result once its forward finished (the prompt's first token is
+        sampled here, on the main stream); None while it runs."""
+        bg = self.background
+        if bg is None or not (bg.done.query() or wait):
+            return None
+        bg.done.synchronize()  # asleep (a blocking event), not spinning
+        self.background = None
+        rid = bg.item.request.request_id
+        by_request = {rid: SampledToken(None)}
+        if bg.last_hidden is not None:
+            self._sample(bg.last_hidden, [0], bg.inputs.sample_reqs, by_request)
+        return by_request[rid]
+
+    def _forward_eager(self, x: StepInputs) -> torch.Tensor:  # [T, H]
         dev = self.device
+        block_ids = x.block_ids
         max_blocks = max(len(row) for row in block_ids)
         block_table = torch.zeros(len(block_ids), max_blocks, dtype=torch.long)
         for i, row in enumerate(block_ids):
             block_table[i, : len(row)] = torch.tensor(row)
         on_gpu = dev.type == "cuda"
         common = CommonAttentionMetadata(
-            query_start_loc=query_start_loc,
-            query_lens=query_lens,
-            seq_lens=seq_lens,
+            query_start_loc=x.query_start_loc,
+            query_lens=x.query_lens,
+            seq_lens=x.seq_lens,
             block_table=block_table.to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(x.slots, dtype=torch.long, device=dev),
             block_size=self.block_size,
             query_start_loc_tensor=(
-                torch.tensor(query_start_loc, dtype=torch.int32, device=dev) if on_gpu else None
+                torch.tensor(x.query_start_loc, dtype=torch.int32, device=dev) if on_gpu else None
             ),
-            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+            seq_lens_tensor=torch.tensor(x.seq_lens, dtype=torch.int32, device=dev)
             if on_gpu
             else None,
         )
-        if on_gpu and len(input_ids) == len(block_ids):
+        if on_gpu and len(x.input_ids) == len(block_ids):
             # NOTE: a decode step splits each context as a captured graph does (by the
             # max_model_len bound), so --enforce-eager sums attention in the same order.
             common.max_seq_len = self.info.max_model_len
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        with set_forward_context(self.attn_backend.build_metadata(common)):
+        ids = torch.tensor(x.input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(x.positions, dtype=torch.long, device=dev)
+        metadata = self.attn_backend.build_metadata(common)
+        with set_forward_context(metadata), self.stream_session(len(x.input_ids)):
             return self.model(ids, pos)
 
     def _sample(self, hidden, rows, reqs, by_request) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from twinfer.hybrid.gpu_prefill import current_stream_session
 from twinfer.hybrid.placement import NATIVE_FORMATS, current_moe_plan
 from twinfer.layers.cuda_ops import cuda_moe_ops
 from twinfer.layers.linear import (
@@ -184,7 +185,12 @@ class MoELayer(nn.Module):
         """hidden [T, H] -> [T, H]."""
         topk_weights, topk_ids = self.route(hidden)
         if self.host_experts is not None:
-            out = self.host_experts.forward(hidden, topk_weights, topk_ids)
+            # A long forward on a GPU streams the experts there (hybrid/gpu_prefill.py).
+            session = current_stream_session()
+            if session is not None:
+                out = session.forward(self.host_experts, hidden, topk_weights, topk_ids)
+            else:
+                out = self.host_experts.forward(hidden, topk_weights, topk_ids)
         else:
             out = self.backend.forward(
                 hidden, topk_weights, topk_ids, self.w13_weight, self.w2_weight

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU suite, for a machine with a CUDA GPU: the native CPU expert engine's build and CPU tests,
 # the `gpu`-marked tests, the kernel micro-benchmarks, `twinfer check`, `twinfer bench gpu` and
-# `twinfer bench hybrid` (JSON results). Everything is logged to $OUT/suite.log.
+# `twinfer bench hybrid` and `twinfer bench hybrid-prefill` (JSON results). Everything is logged
+# to $OUT/suite.log.
 #   OUT=gpu-logs TOKENIZER=path/to/tokenizer bash scripts/gpu_suite.sh \
-#     [all|build|tests|kernels|bench|hybrid]
+#     [all|build|tests|kernels|bench|hybrid|prefill]
 # Set TWINFER_COMMIT to the commit under test where the tree was copied without its git metadata.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,4 +41,8 @@ fi
 if [[ $part == all || $part == bench || $part == hybrid ]]; then
   step "${LIMIT_HYBRID:-420}" python -m twinfer.cli bench hybrid --results-dir "$OUT/results" \
     --profile ${TOKENIZER:+--tokenizer "$TOKENIZER"}
+fi
+if [[ $part == all || $part == bench || $part == prefill ]]; then
+  step "${LIMIT_PREFILL:-420}" python -m twinfer.cli bench hybrid-prefill \
+    --results-dir "$OUT/results" ${TOKENIZER:+--tokenizer "$TOKENIZER"}
 fi

@@ -97,11 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     dec = bench_sub.add_parser("decode", help="CPU decode tokens/s vs transformers generate.")
     cpu_decode.add_cli_args(dec)
     dec.set_defaults(func=cpu_decode.main)
-    from twinfer.bench import gpu, hybrid, latency, serve, throughput
+    from twinfer.bench import gpu, hybrid, hybrid_prefill, latency, serve, throughput
 
     for name, module, about in (
         ("gpu", gpu, "GPU decode (batch 1, 64) and 512-token prefill tokens/s with bounds."),
         ("hybrid", hybrid, "Routed experts on the CPU engine: decode, kernel GB/s, host RAM."),
+        (
+            "hybrid-prefill",
+            hybrid_prefill,
+            "Host experts streamed to the GPU for long prompts: prefill, TTFT, ITL beside it.",
+        ),
         ("serve", serve, "Latency and throughput of an OpenAI-compatible server under load."),
         ("latency", latency, "Offline engine: latency of one batch."),
         ("throughput", throughput, "Offline engine: tokens/s over many prompts."),

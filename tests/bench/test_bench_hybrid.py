@@ -80,3 +80,34 @@ def test_bench_hybrid_flags(capsys) -> None:
     if not torch.cuda.is_available():
         assert hybrid.main(parse("--device", "cuda")) == 2
         assert "--device cpu" in capsys.readouterr().out
+
+
+def test_bench_hybrid_prefill_needs_a_gpu(capsys) -> None:
+    from twinfer.bench import hybrid_prefill
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the GPU suite runs the benchmark")
+    parser = argparse.ArgumentParser()
+    hybrid_prefill.add_cli_args(parser)
+    assert hybrid_prefill.main(parser.parse_args([])) == 2
+    assert "streams host experts to a GPU" in capsys.readouterr().out
+
+
+def test_itl_during_prefill_measures_both_windows(tiny_checkpoints) -> None:
+    """The ITL figure's method on a tiny model on the CPU (nothing streams there): a decode
+    alone, then beside a long prompt until its first token; the engine ends empty."""
+    import numpy as np
+
+    from twinfer import LLM
+    from twinfer.bench.hybrid_prefill import itl_during_prefill
+
+    llm = LLM(
+        str(tiny_checkpoints("qwen3-moe-tiny")), device="cpu", max_model_len=512,
+        max_num_batched_tokens=64, moe_cpu_threads=1,
+    )  # fmt: skip
+    itl = itl_during_prefill(llm, np.random.default_rng(0), 300, llm.engine.info.vocab_size)
+    assert itl["solo_ms"] > 0 and itl["during_ms"] > 0
+    assert itl["decode_tokens_during"] >= 4  # 300 tokens in 64-token chunks, a decode each
+    assert itl["during_max_ms"] >= itl["during_p50_ms"]
+    assert itl["background_chunks"] == 0
+    assert llm.engine.is_empty()

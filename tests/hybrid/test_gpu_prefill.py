@@ -18,17 +18,30 @@ from twinfer.hybrid.gpu_prefill import (
 LAYER_BYTES = 128 * 3 * 2048 * 768 // 2 * 33 // 32
 
 
+def cpu_line(fixed: float, per_token: float) -> tuple:
+    return tuple((t, fixed + t * per_token) for t in (1, 16, 64, 256))
+
+
 def cost(**overrides) -> StreamingCost:
     values = dict(
         pcie_gbps=50.0,
         layer_bytes=LAYER_BYTES,
         num_experts=128,
         top_k=8,
-        cpu_fixed_s=0.3e-3,
-        cpu_per_token_s=60e-6,
+        cpu_points=cpu_line(0.3e-3, 60e-6),
         window=2,
     )
     return StreamingCost(**(values | overrides))
+
+
+def test_cpu_time_is_interpolated_between_measurements() -> None:
+    c = cost(cpu_points=((1, 0.2e-3), (16, 1e-3), (64, 4e-3), (256, 15e-3)))
+    assert c.cpu_seconds(1) == pytest.approx(0.2e-3)
+    assert c.cpu_seconds(40) == pytest.approx(2.5e-3)
+    assert c.cpu_seconds(512) == pytest.approx(15e-3 + 11e-3 * 256 / 192)  # the last slope
+    # A decode's few tokens stay on the CPU: its time there is far below a layer's copy.
+    assert c.threshold(8192) > 64
+    assert c.gpu_seconds(1) > c.cpu_seconds(1)
 
 
 def test_expected_active_fraction() -> None:
@@ -49,11 +62,11 @@ def test_threshold_is_where_the_copy_beats_the_cpu() -> None:
     assert t == pytest.approx((copy + 30e-6 - 0.3e-3) / 60e-6, abs=2)
     # A faster link or a slower CPU streams sooner.
     assert cost(pcie_gbps=100.0).threshold(8192) < t
-    assert cost(cpu_per_token_s=120e-6).threshold(8192) < t
+    assert cost(cpu_points=cpu_line(0.3e-3, 120e-6)).threshold(8192) < t
 
 
 def test_no_threshold_when_the_cpu_always_wins() -> None:
-    c = cost(cpu_per_token_s=1e-7, pcie_gbps=1.0)
+    c = cost(cpu_points=cpu_line(0.3e-3, 1e-7), pcie_gbps=1.0)
     assert c.threshold(8192) is None
     assert "nothing streams" in c.describe(None, 8192)
 
@@ -67,7 +80,7 @@ def test_window_zero_always_copies_only_experts_with_tokens() -> None:
     # makes the copy dearer than prefetching whole layers.
     assert c.threshold(8192) > cost().threshold(8192)
     # 256 experts leave ~4% without tokens there: even with a window, that layer goes selective.
-    wide = cost(num_experts=256, layer_bytes=2 * LAYER_BYTES, cpu_per_token_s=120e-6)
+    wide = cost(num_experts=256, layer_bytes=2 * LAYER_BYTES, cpu_points=cpu_line(0.3e-3, 120e-6))
     t = wide.threshold(8192)
     assert wide.selective(t) and wide.copy_seconds(t, True) < wide.copy_seconds(t, False)
 

@@ -48,10 +48,15 @@ SELECTIVE_SYNC_SECONDS = 100e-6
 # NOTE: a streamed layer's launches (alignment, two GEMMs, the sum, event waits and records):
 # ~30 us of host time, which bounds small forwards (a tiny model's whole layer copies in less).
 STREAM_LAYER_SECONDS = 30e-6
-# The CPU expert time is measured at this many tokens and a quarter of it (on the benchmark
-# model both are past the point where every expert of a layer has tokens, so the time grows
-# linearly in between); fewer when the CPU engine's buffers are smaller.
-_CPU_PROBE_TOKENS = 256
+# NOTE: copies go out in pieces this size, so that a decode's small host-to-device copy (the
+# CPU experts' result, one per layer) never queues behind a whole layer (~6 ms for int4 on the
+# benchmark model). On the H100 it did not queue even behind 600 MB of 8 MiB pieces (0.04 ms),
+# so the pieces are large enough to cost few launches (~10 a layer).
+COPY_PIECE_BYTES = 32 * 2**20
+# Token counts at which the CPU expert time of a layer is measured (those above the CPU engine's
+# buffers are left out). NOTE: a few tokens read a few experts (DRAM-bound), many tokens read all
+# of them many times (compute-bound), so the time is no straight line: it is interpolated.
+_CPU_PROBE_TOKENS = (1, 16, 64, 256)
 
 
 def expected_active_fraction(tokens: int, num_experts: int, top_k: int) -> float:
@@ -64,7 +69,8 @@ def expected_active_fraction(tokens: int, num_experts: int, top_k: int) -> float
 class StreamingCost:
     """Per-layer cost model of running host experts for a forward of T tokens.
 
-    CPU: `cpu_fixed_s + T * cpu_per_token_s` (measured). GPU: the copy of the layer's bytes at
+    CPU: interpolated between measured (tokens, seconds) points, extrapolated past the last
+    along the last segment's slope. GPU: the copy of the layer's bytes at
     `pcie_gbps`; with selective copies only the expected experts with tokens, plus a host sync;
     plus the layer's launches. The GPU kernel's own time is left out: near the threshold it is a
     few percent of the copy.
@@ -74,12 +80,18 @@ class StreamingCost:
     layer_bytes: int  # the largest host layer's packed bytes
     num_experts: int
     top_k: int
-    cpu_fixed_s: float
-    cpu_per_token_s: float
+    cpu_points: tuple[tuple[int, float], ...]  # (tokens, seconds), ascending tokens
     window: int
 
     def cpu_seconds(self, tokens: int) -> float:
-        return self.cpu_fixed_s + tokens * self.cpu_per_token_s
+        pts = self.cpu_points
+        if tokens <= pts[0][0] or len(pts) == 1:
+            return pts[0][1] if tokens <= pts[0][0] else pts[0][1] * tokens / pts[0][0]
+        for (t0, s0), (t1, s1) in zip(pts, pts[1:], strict=False):
+            if tokens <= t1:
+                return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
+        (t0, s0), (t1, s1) = pts[-2], pts[-1]
+        return s1 + max(s1 - s0, 0.0) * (tokens - t1) / (t1 - t0)
 
     def copy_seconds(self, tokens: int, selective: bool) -> float:
         full = self.layer_bytes / (self.pcie_gbps * 1e9)
@@ -109,10 +121,11 @@ class StreamingCost:
 
     def describe(self, threshold: int | None, max_tokens: int) -> str:
         full_ms = self.copy_seconds(0, False) * 1e3
+        cpu = ", ".join(f"{s * 1e3:.2f} ms at {t}" for t, s in self.cpu_points)
         text = (
             f"GPU prefill streaming: pinned PCIe {self.pcie_gbps:.1f} GB/s, a host layer "
-            f"({self.layer_bytes / 2**20:.0f} MiB) copies in {full_ms:.2f} ms; CPU experts "
-            f"{self.cpu_fixed_s * 1e3:.2f} ms + {self.cpu_per_token_s * 1e6:.1f} us/token a layer"
+            f"({self.layer_bytes / 2**20:.0f} MiB) copies in {full_ms:.2f} ms; CPU experts a "
+            f"layer: {cpu} tokens"
         )
         if threshold is None:
             return text + f"; the CPU wins up to {max_tokens} tokens, so nothing streams"
@@ -146,6 +159,15 @@ class _Shard:
     host: Tensor  # uint8 view of the shard's packed bytes in host RAM (registered: pinned)
     offset: int  # byte offset in the staging buffer
     stride: int  # bytes per expert
+
+    def copy_to(self, buf: Tensor, lo: int = 0, hi: int | None = None) -> int:
+        """Enqueue host bytes [lo, hi) into `buf` at the same offsets, in pieces, on the current
+        stream; returns the bytes."""
+        hi = self.host.numel() if hi is None else hi
+        for a in range(lo, hi, COPY_PIECE_BYTES):
+            z = min(a + COPY_PIECE_BYTES, hi)
+            buf[self.offset + a : self.offset + z].copy_(self.host[a:z], non_blocking=True)
+        return hi - lo
 
 
 class PrefillStreamer:
@@ -260,24 +282,18 @@ class PrefillStreamer:
             torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             for shard in self.shards[0]:
-                buf[shard.offset : shard.offset + shard.host.numel()].copy_(
-                    shard.host, non_blocking=True
-                )
+                shard.copy_to(buf)
             torch.cuda.synchronize(self.device)
             best = min(best, time.perf_counter() - t0)
         pcie_gbps = self.geoms[0].nbytes / best / 1e9
-        t2 = min(_CPU_PROBE_TOKENS, first.engine.max_tokens)
-        t1 = max(1, t2 // 4)
-        s1, s2 = self._cpu_seconds(first, t1), self._cpu_seconds(first, t2)
-        per_token = max((s2 - s1) / max(t2 - t1, 1), 1e-9)
+        probes = [t for t in _CPU_PROBE_TOKENS if t <= first.engine.max_tokens]
         geom = self.geoms[0]
         return StreamingCost(
             pcie_gbps=pcie_gbps,
             layer_bytes=self.layer_bytes,
             num_experts=geom.num_experts,
             top_k=self.top_k,
-            cpu_fixed_s=max(s1 - t1 * per_token, 0.0),
-            cpu_per_token_s=per_token,
+            cpu_points=tuple((t, self._cpu_seconds(first, t)) for t in probes),
             window=self.window,
         )
 
@@ -339,10 +355,7 @@ class StreamSession:
                 stream.wait_event(free)
             buf = self.s.buffers[b]
             for shard in self.s.shards[j]:
-                buf[shard.offset : shard.offset + shard.host.numel()].copy_(
-                    shard.host, non_blocking=True
-                )
-                self.s.stats["bytes"] += shard.host.numel()
+                self.s.stats["bytes"] += shard.copy_to(buf)
             done = torch.cuda.Event()
             done.record(stream)
         self.copied[j] = done
@@ -358,9 +371,7 @@ class StreamSession:
         buf = self.s.buffers[b]
         for lo, hi in expert_runs(counts):
             for shard in self.s.shards[j]:
-                a, z = lo * shard.stride, hi * shard.stride
-                buf[shard.offset + a : shard.offset + z].copy_(shard.host[a:z], non_blocking=True)
-                self.s.stats["bytes"] += z - a
+                self.s.stats["bytes"] += shard.copy_to(buf, lo * shard.stride, hi * shard.stride)
 
     def forward(
         self, host: HostExperts, hidden: Tensor, topk_weights: Tensor, topk_ids: Tensor

@@ -14,9 +14,9 @@ Two ways to copy a forward's layers (`StreamSession`):
   whole layers ahead of the compute stream, from layer j + N as soon as layer j's kernel has
   finished with the buffer; the compute stream waits for a layer's copy only when it needs it.
   Nothing waits on the host, so a whole forward can be enqueued while decodes keep stepping.
-- selective (N = 0, or when the expected experts with tokens move fewer bytes than the lost
-  overlap): one buffer; at each layer the host reads which experts got tokens (a sync) and
-  copies only those.
+- selective (N = 0, or when copying only the experts expected to get tokens, plus a host sync,
+  beats copying the whole layer): at each layer the host reads which experts got tokens (a sync)
+  and copies only those.
 
 The threshold in tokens comes from `StreamingCost`: the CPU's measured time for a layer against
 the copy at the measured pinned PCIe speed. Both are measured at startup and printed.

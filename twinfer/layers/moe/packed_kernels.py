@@ -40,6 +40,7 @@ from twinfer.layers.moe.triton_kernels import (
     get_moe_config,
     moe_align_block_size,
     moe_sum,
+    shrink_to_fit,
 )
 
 FORMATS = ("f32", "f16", "bf16", "int8", "int4")
@@ -420,13 +421,7 @@ def _fit_smem_packed(cfg: GemmConfig, block_m: int, gated: bool, a: Tensor, fmt:
         stage = a_tile + w_elems * _TILE_BYTES[fmt]
         return int((c.num_stages - 1) * stage + a_tile + w_elems * a.element_size())
 
-    while need(cfg) > limit and cfg.block_k > 32:
-        cfg = replace(cfg, block_k=cfg.block_k // 2)
-    while need(cfg) > limit and cfg.num_stages > 2:
-        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
-    while need(cfg) > limit and cfg.block_k > 16:
-        cfg = replace(cfg, block_k=cfg.block_k // 2)
-    return cfg
+    return shrink_to_fit(cfg, need, limit)
 
 
 def _launch_packed_gemm(

@@ -14,6 +14,7 @@ deterministic.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -379,6 +380,12 @@ def _fit_smem(cfg: GemmConfig, block_m: int, gated: bool, a: Tensor) -> GemmConf
         tiles = block_m * c.block_k + (2 if gated else 1) * c.block_k * c.block_n
         return c.num_stages * tiles * a.element_size()
 
+    return shrink_to_fit(cfg, need, limit)
+
+
+def shrink_to_fit(cfg: GemmConfig, need: Callable[[GemmConfig], int], limit: int) -> GemmConfig:
+    """cfg with block_k halved down to 32, then num_stages cut down to 2, then block_k down to
+    16, until `need(cfg)` bytes of shared memory fit in `limit`."""
     while need(cfg) > limit and cfg.block_k > 32:
         cfg = replace(cfg, block_k=cfg.block_k // 2)
     while need(cfg) > limit and cfg.num_stages > 2:

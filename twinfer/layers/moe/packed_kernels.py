@@ -38,9 +38,11 @@ from twinfer.layers.moe.triton_kernels import (
     _one_token_align,
     _smem_limit,
     get_moe_config,
+    grouped_tile,
     moe_align_block_size,
     moe_sum,
     shrink_to_fit,
+    tile_rows,
 )
 
 FORMATS = ("f32", "f16", "bf16", "int8", "int4")
@@ -333,24 +335,12 @@ def _packed_gemm_kernel(
     N = H, K = I: c[slot, n] = topk_weights[slot] * (a @ down[e, n]) -> [S, H].
     w_ptr is the buffer viewed as the load dtype, s_ptr as float32 (int8/int4 scales).
     """
-    pid = tl.program_id(0)
-    num_pid_m = em // BLOCK_M
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row blocks (mostly one expert's) share each weight tile in L2.
-    in_group = GROUP_M * num_pid_n
-    first_m = pid // in_group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = grouped_tile(em, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return  # a padding block past the last expert's group
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(sorted_ptr + offs_m)  # [BLOCK_M], the sentinel S on padding rows
-    row_ok = slot < num_slots
-    # NOTE: padding rows read row 0 instead of masking, so the loads stay unmasked along M.
-    a_row = tl.where(row_ok, slot // A_DIV, 0).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    slot, row_ok, a_row, expert = tile_rows(
+        sorted_ptr, expert_ids_ptr, pid_m, num_slots, A_DIV, BLOCK_M
+    )
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_wn = offs_n % N  # wrapped columns load real weights; their outputs are masked
     offs_k = tl.arange(0, BLOCK_K)

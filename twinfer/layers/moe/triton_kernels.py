@@ -294,6 +294,33 @@ def moe_align_block_size(
 
 
 @triton.jit
+def grouped_tile(em, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: GROUP_M row blocks (mostly one
+    expert's) share each weight tile in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = em // BLOCK_M
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = pid // in_group * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
+
+
+@triton.jit
+def tile_rows(sorted_ptr, expert_ids_ptr, pid_m, num_slots, A_DIV, BLOCK_M: tl.constexpr):
+    """Row block pid_m's slots [BLOCK_M] (the sentinel S on padding rows), which are real, the
+    activation row each reads, and the block's expert.
+    NOTE: padding rows read row 0 instead of masking, so the loads stay unmasked along M
+    (vectorized); only their stores are masked."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ptr + offs_m)
+    row_ok = slot < num_slots
+    a_row = tl.where(row_ok, slot // A_DIV, 0).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    return slot, row_ok, a_row, expert
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, w_ptr, c_ptr, topk_weights_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr,
     num_slots, em,
@@ -309,25 +336,12 @@ def _moe_gemm_kernel(
     Not GATED (down): a = act [S, I] read at row slot (A_DIV = 1), w = w2 [E, H, I] with N = H:
     c[slot, n] = topk_weights[slot] * (a @ w[e, n]) -> [S, H].
     """
-    pid = tl.program_id(0)
-    num_pid_m = em // BLOCK_M
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row blocks (mostly one expert's) share each weight tile in L2.
-    in_group = GROUP_M * num_pid_n
-    first_m = pid // in_group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = grouped_tile(em, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return  # a padding block past the last expert's group
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(sorted_ptr + offs_m)  # [BLOCK_M], the sentinel S on padding rows
-    row_ok = slot < num_slots
-    # NOTE: padding rows read row 0 instead of masking, so the loads stay unmasked along M
-    # (vectorized); only their stores are masked.
-    a_row = tl.where(row_ok, slot // A_DIV, 0).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    slot, row_ok, a_row, expert = tile_rows(
+        sorted_ptr, expert_ids_ptr, pid_m, num_slots, A_DIV, BLOCK_M
+    )
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_wn = offs_n % N  # wrapped columns load real weights; their outputs are masked
     offs_k = tl.arange(0, BLOCK_K)

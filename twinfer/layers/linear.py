@@ -74,12 +74,14 @@ def cpu_prepack(weight: Tensor) -> Tensor | None:
     """W repacked once into oneDNN's blocked layout for CPU GEMMs, or None where that can't run.
 
     NOTE: measured on a 2-core AMX Xeon, packed bf16 runs a decode step's GEMVs ~2x and its
-    16-row GEMMs ~4x faster than F.linear on the plain weight (fp32: ~1.3x and ~1.8x).
+    16-row GEMMs ~4x faster than F.linear on the plain weight (fp32: ~1.3x and ~1.8x). oneDNN's
+    bf16 path needs AVX512-BW/VL/DQ or AVX-NE-CONVERT: an AVX2-only CPU keeps bf16 weights plain.
     """
     if (
         weight.device.type != "cpu"
         or weight.dtype not in (torch.float32, torch.bfloat16)
         or not torch.backends.mkldnn.is_available()
+        or (weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported())
         or weight.numel() == 0
     ):
         return None

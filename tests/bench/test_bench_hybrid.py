@@ -35,7 +35,7 @@ def test_bench_hybrid_cpu(tiny_checkpoints, tmp_path: Path, capsys, monkeypatch)
     monkeypatch.setattr(hybrid, "_KERNEL_SECONDS", 0.2)
     model = str(tiny_checkpoints("qwen3-moe-tiny"))  # 2 MoE layers, 8 experts top-2, H 64, I 32
     args = parse(
-        "--model", model, "--device", "cpu", "--input-len", "8", "--output-len", "4",
+        "--model", model, "--device", "cpu", "--input-len", "8", "--output-len", "12",
         "--concurrency", "2", "--threads", "1", "--group-size", "32", "--dram-gbps", "10",
         "--profile", "--results-dir", str(tmp_path),
     )  # fmt: skip

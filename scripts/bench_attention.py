@@ -8,9 +8,9 @@ FlashAttention-2 on the same shape. Each figure is one backend forward (cache wr
 timed per layer over enough layer caches that the KV never sits in L2, median of
 `triton.testing.do_bench` (eager) and `do_bench_cudagraph` (the production decode path).
 
-Usage: python scripts/bench_attention.py [--sweep] [--no-save] [--hbm-gbps X --tflops Y]
+Usage: python scripts/bench_attention.py [--sweep] [--save-result] [--hbm-gbps X --tflops Y]
 `--sweep` times every candidate kernel config (the knobs in triton_kernels.py) and prints the
-best per case instead of saving results.
+best per case instead; `--save-result` writes the figures' JSON into bench/results/.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from twinfer.bench.results import add_result_args  # noqa: E402
 from twinfer.layers.attention import CommonAttentionMetadata  # noqa: E402
 from twinfer.layers.attention import triton_kernels as tk  # noqa: E402
 from twinfer.layers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
@@ -143,9 +144,9 @@ def prefill_case(n: int, prefix: int) -> Case:
 
 
 def report(args, hbm: float, tflops: float) -> None:
-    from twinfer.bench.results import write_result
+    from twinfer.bench.results import results_dir, write_result
 
-    out_dir = Path(__file__).resolve().parents[1] / "bench" / "results"
+    out_dir = results_dir(args)
     config = {"Hq": HQ, "Hkv": HKV, "D": D, "block_size": BLOCK_SIZE, "dtype": "bf16"}
     for bs, ctx in DECODE_CASES:
         case = decode_case(bs, ctx)
@@ -153,10 +154,9 @@ def report(args, hbm: float, tflops: float) -> None:
         gbps = case.kv_bytes / graph / 1e3
         line = f"decode bs={bs:<3} ctx={ctx:<6} graph {graph:8.1f} us  eager {eager:8.1f} us  "
         print(line + f"{gbps:7.0f} GB/s ({gbps / hbm:.0%} of {hbm:.0f})")
-        if not args.no_save:
-            name = f"triton_attn_decode_bs{bs}_ctx{ctx // 1024}k_bf16"
-            cfg = {**config, "batch": bs, "context": ctx, "layers_timed": case.layers}
-            write_result(out_dir, name, gbps, "GB/s", hbm, cfg, us_graph=graph, us_eager=eager)
+        name = f"triton_attn_decode_bs{bs}_ctx{ctx // 1024}k_bf16"
+        cfg = {**config, "batch": bs, "context": ctx, "layers_timed": case.layers}
+        write_result(out_dir, name, gbps, "GB/s", hbm, cfg, us_graph=graph, us_eager=eager)
     for n, prefix in PREFILL_CASES:
         case = prefill_case(n, prefix)
         us = case.time_us(False)
@@ -164,11 +164,10 @@ def report(args, hbm: float, tflops: float) -> None:
         base = flash_baseline_us(n) if prefix == 0 else None
         extra = f"  {base[0]} {base[1]:8.1f} us (triton takes {us / base[1]:.2f}x)" if base else ""
         print(f"prefill n={n:<5} prefix={prefix:<5} {us:8.1f} us {tf:6.0f} TFLOP/s{extra}")
-        if not args.no_save:
-            name = f"triton_attn_prefill_{n}_prefix{prefix}_bf16"
-            cfg = {**config, "tokens": n, "prefix": prefix}
-            more = {"us": us} | ({f"{base[0]}_us": base[1]} if base else {})
-            write_result(out_dir, name, tf, "TFLOP/s", tflops, cfg, **more)
+        name = f"triton_attn_prefill_{n}_prefix{prefix}_bf16"
+        cfg = {**config, "tokens": n, "prefix": prefix}
+        more = {"us": us} | ({f"{base[0]}_us": base[1]} if base else {})
+        write_result(out_dir, name, tf, "TFLOP/s", tflops, cfg, **more)
 
 
 def _try(case: Case, graph: bool, *knobs: int) -> tuple | None:
@@ -218,7 +217,7 @@ def sweep() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="time every candidate config")
-    parser.add_argument("--no-save", action="store_true", help="do not write bench/results JSON")
+    add_result_args(parser)
     parser.add_argument("--hbm-gbps", type=float, help="HBM bound (default: by GPU name)")
     parser.add_argument("--tflops", type=float, help="bf16 dense bound (default: by GPU name)")
     args = parser.parse_args()

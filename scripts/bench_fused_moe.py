@@ -2,7 +2,7 @@
 
     python scripts/bench_fused_moe.py                  # the current MOE_CONFIGS, T = 1 .. 4096
     python scripts/bench_fused_moe.py --sweep          # search block sizes per T, print a table
-    python scripts/bench_fused_moe.py --save           # also bench/results/fused_moe_*.json
+    python scripts/bench_fused_moe.py --save-result    # also bench/results/fused_moe_*.json
 
 Shape: the Qwen3-30B-A3B experts (E=128, K=8, H=2048, I=768, bf16), random weights and random
 routing (a softmax over random logits). Every figure is per layer and replays from a CUDA graph
@@ -22,10 +22,10 @@ import functools
 import itertools
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from twinfer.bench.results import add_result_args, results_dir, write_result
 from twinfer.layers.moe import triton_kernels as tk
 from twinfer.layers.moe.triton_kernels import GemmConfig, MoEConfig, fused_moe, fused_topk
 
@@ -184,8 +184,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="Weight copies (defeat the L2).")
     parser.add_argument("--sweep", action="store_true", help="Search configs per T.")
     parser.add_argument("--full", action="store_true", help="A much larger sweep grid.")
-    parser.add_argument("--save", action="store_true", help="Write bench/results JSON.")
-    parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
+    add_result_args(parser)
     args = parser.parse_args()
 
     from twinfer.bench.check import measure_bf16_tflops, measure_hbm_gbps
@@ -200,11 +199,9 @@ def main() -> None:
             print(f"T={t}: best {tuned[t]}")
         config = tuned.get(t) or tk.get_moe_config(t, K, E)
         row = report(p, graph_us(functools.partial(p.run, config=config), args.layers), hbm, tflops)
-        if args.save:
-            from twinfer.bench.results import write_result
-
+        if (out_dir := results_dir(args)) is not None:
             write_result(
-                args.results_dir,
+                out_dir,
                 f"fused_moe_t{t}_bf16",
                 p.t / row["us"] * 1e6,
                 "tokens/s",

@@ -30,7 +30,7 @@ if [[ $part == all || $part == tests ]]; then
 fi
 if [[ $part == all || $part == kernels ]]; then
   step 60 python scripts/bench_fused_ops.py
-  step 90 python scripts/bench_attention.py --no-save
+  step 90 python scripts/bench_attention.py
   step 90 python scripts/bench_fused_moe.py
 fi
 if [[ $part == all || $part == bench ]]; then

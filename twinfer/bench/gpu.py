@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from twinfer.bench.results import add_result_args, results_dir, write_result
+
 BENCH_SHAPE = "qwen3-30b-a3b"
 
 
@@ -44,15 +46,17 @@ def add_common_args(
     parser.add_argument(
         "--output-len", type=int, default=output_len, help="Decode tokens measured."
     )
-    parser.add_argument("--concurrency", type=int, default=concurrency)
+    parser.add_argument(
+        "--concurrency", type=int, default=concurrency, help="Requests at once (batched figure)."
+    )
     parser.add_argument("--enforce-eager", action="store_true", help="No CUDA graphs.")
     parser.add_argument("--profile", action="store_true", help="Print a kernel-time profile.")
-    parser.add_argument("--results-dir", type=Path, default=Path("bench/results"))
+    add_result_args(parser)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser, input_len=128, output_len=128, concurrency=64)
-    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--prefill-len", type=int, default=512, help="Prompt tokens timed.")
 
 
 def _bench_model(args: argparse.Namespace, work: Path) -> tuple[str, str]:
@@ -164,7 +168,6 @@ def main(args: argparse.Namespace) -> int:
     from twinfer import LLM
     from twinfer.bench.check import measure_bf16_tflops, measure_hbm_gbps
     from twinfer.bench.model_cost import ModelCost
-    from twinfer.bench.results import write_result
 
     if not torch.cuda.is_available():
         print("error: twinfer bench gpu needs a CUDA GPU; on the CPU use twinfer bench decode.")
@@ -213,14 +216,14 @@ def main(args: argparse.Namespace) -> int:
             extra.update(_profile(llm, prompts))
         results.append(
             write_result(
-                args.results_dir, name, rate, "tokens/s", bound, config, bound_basis=basis, **extra
+                results_dir(args), name, rate, "tokens/s", bound, config, bound_basis=basis, **extra
             )
         )
     rate = _prefill_rate(llm, rng, args.prefill_len, vocab)
     bound = cost.prefill_bound_tokens_per_s(args.prefill_len, tflops, hbm)
     results.append(
         write_result(
-            args.results_dir,
+            results_dir(args),
             f"gpu_prefill_{args.prefill_len}_bf16",
             rate,
             "tokens/s",

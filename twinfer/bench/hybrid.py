@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from twinfer.bench.gpu import BENCH_SHAPE, _bench_model, _decode_rate, _profile, add_common_args
+from twinfer.bench.results import results_dir, write_result
 
 # Targets on the ratio (value / bound) of each figure, from the issue.
 TARGETS = {
@@ -210,7 +211,6 @@ def _run(args: argparse.Namespace, model: str, load_format: str, gbps: float, me
     import torch
 
     from twinfer.bench.model_cost import ModelCost
-    from twinfer.bench.results import write_result
 
     cost = ModelCost.from_pretrained(model, "bfloat16")
     rng = np.random.default_rng(0)
@@ -242,7 +242,7 @@ def _run(args: argparse.Namespace, model: str, load_format: str, gbps: float, me
     by_dtype = {d: {k: round(v, 4) for k, v in r.items()} for d, r in host_ram.items()}
     results.append(
         write_result(
-            args.results_dir, "hybrid_host_ram", host_ram[worst]["value"], "x", HOST_RAM_BOUND,
+            results_dir(args), "hybrid_host_ram", host_ram[worst]["value"], "x", HOST_RAM_BOUND,
             {**config, "dtype": worst, "group_size": None, "batch": None}, bound_basis=basis,
             lower_is_better=True, target=1.0, by_dtype=by_dtype,
         )
@@ -260,9 +260,8 @@ def _figures(
     method: str,
 ) -> list[dict[str, Any]]:
     """One LLM's figures: kernel bandwidth (bf16), batch-1 decode, concurrent decode (int4)."""
-    from twinfer.bench.results import write_result
 
-    dtype, out = config["dtype"], args.results_dir
+    dtype, out = config["dtype"], results_dir(args)
     per_token = llm.engine.info.moe_plan.host_bytes_per_token()
     basis = {"dram_gbps": round(gbps, 1), "method": method, "host_bytes_per_token": per_token}
     results = []

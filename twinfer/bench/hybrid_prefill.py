@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from twinfer.bench.gpu import BENCH_SHAPE, _bench_model, add_common_args
+from twinfer.bench.results import results_dir, write_result
 
 STREAM_TARGET = 0.40  # hybrid_prefill_stream_4096_int4: this share of the PCIe bound
 ITL_TARGET = 2.0  # hybrid_itl_during_prefill: at most this many times the solo ITL
@@ -154,7 +155,6 @@ def _figures(
     args: argparse.Namespace, model: str, load_format: str, dtype: str, h2d: float, tflops: float
 ) -> list[dict[str, Any]]:
     from twinfer.bench.model_cost import ModelCost
-    from twinfer.bench.results import write_result
 
     llm = _build(args, model, load_format, dtype)
     runner = llm.engine.runner
@@ -191,7 +191,7 @@ def _figures(
     bound = n * h2d * 1e9 / (host_bytes * -(-n // args.chunk))
     results.append(
         write_result(
-            args.results_dir, f"hybrid_prefill_stream_{n}_{dtype}", n / statistics.median(times),
+            results_dir(args), f"hybrid_prefill_stream_{n}_{dtype}", n / statistics.median(times),
             "tokens/s", bound, {**config, "input_len": n},
             bound_basis={**stream_info, "what": "host expert bytes over PCIe once per chunk"},
             target=STREAM_TARGET if dtype == "int4" else None, target_sign=">=",
@@ -205,7 +205,6 @@ def _figures(
 
 
 def _long_prompt_figures(args, llm, rng, vocab, cost, config, stream_info, tflops) -> list:
-    from twinfer.bench.results import write_result
 
     n = args.long_len
     chunks = -(-n // args.chunk)
@@ -214,7 +213,7 @@ def _long_prompt_figures(args, llm, rng, vocab, cost, config, stream_info, tflop
     ttft = min(_ttft(llm, _prompt(rng, n, vocab)) for _ in range(2))
     results = [
         write_result(
-            args.results_dir, f"hybrid_ttft_{n // 1024}k_int4", ttft, "s", max(copy_s, compute_s),
+            results_dir(args), f"hybrid_ttft_{n // 1024}k_int4", ttft, "s", max(copy_s, compute_s),
             {**config, "input_len": n},
             bound_basis={
                 **stream_info, "chunks": chunks, "copy_s": round(copy_s, 4),
@@ -232,7 +231,7 @@ def _long_prompt_figures(args, llm, rng, vocab, cost, config, stream_info, tflop
     )
     results.append(
         write_result(
-            args.results_dir, "hybrid_itl_during_prefill", itl["during_ms"], "ms",
+            results_dir(args), "hybrid_itl_during_prefill", itl["during_ms"], "ms",
             itl["solo_ms"], {**config, "input_len": n, "decode_batch": 1},
             bound_basis={"what": "the same decode's mean ITL alone (64 tokens)"},
             target=ITL_TARGET, target_sign="<=", lower_is_better=True,

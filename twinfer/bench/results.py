@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -11,6 +12,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# The repository's records; benchmarks write here only when asked (--save-result), as vLLM's do.
+RESULTS_DIR = Path("bench/results")
+
+
+def add_result_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--save-result",
+        action="store_true",
+        help=f"Also write one JSON per figure into {RESULTS_DIR}/ (default: print only).",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="Write one JSON per figure into this directory (implies --save-result).",
+    )
+
+
+def results_dir(args: argparse.Namespace) -> Path | None:
+    """Where this run's JSON goes, or None to print only."""
+    if args.results_dir is not None:
+        return args.results_dir
+    return RESULTS_DIR if args.save_result else None
 
 
 def machine() -> dict[str, Any]:
@@ -40,7 +65,7 @@ def git_commit() -> str:
 
 
 def write_result(
-    out_dir: Path,
+    out_dir: Path | None,
     benchmark: str,
     value: float,
     unit: str,
@@ -48,7 +73,7 @@ def write_result(
     config: dict[str, Any],
     **extra: Any,
 ) -> dict[str, Any]:
-    """Print the figure next to its physical bound and save it as `<benchmark>.json`."""
+    """Print the figure beside its physical bound; with `out_dir`, save `<benchmark>.json`."""
     result = {
         "benchmark": benchmark,
         "value": round(value, 3),
@@ -61,8 +86,9 @@ def write_result(
         "config": config,
         **extra,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{benchmark}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{benchmark}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"{benchmark}: {value:.2f} {unit} | bound {bound:.2f} {unit} | ratio {result['ratio']}"
         + "".join(f" | {k} {v}" for k, v in extra.items() if isinstance(v, int | float))

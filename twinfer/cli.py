@@ -7,8 +7,9 @@ import dataclasses
 import json
 import logging
 import sys
+from argparse import SUPPRESS
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +44,37 @@ def _parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
     return args
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help already explains it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or "(default" in text or default in (None, SUPPRESS):
+            return text
+        if isinstance(default, bool):
+            if not isinstance(action, argparse.BooleanOptionalAction):
+                return text  # a plain switch: off unless given
+            return f"{text} (default: {'on' if default else 'off'})"
+        return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with `HelpFormatter` for every subcommand, and a bad flag as one line (the flag,
+    the value, what is allowed) plus the hint to --help, not the whole usage first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for every flag.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from twinfer.config import EngineConfig
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="twinfer", description="LLM inference for MoE models on a GPU plus a big CPU."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,17 +146,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=256)
-    group.add_argument("--temperature", type=float, default=None)
-    group.add_argument("--top-p", type=float, default=None)
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--min-p", type=float, default=None)
-    group.add_argument("--repetition-penalty", type=float, default=None)
-    group.add_argument("--n", type=int, default=1)
-    group.add_argument("--stop", action="append", default=None, help="Stop string (repeatable).")
-    group.add_argument("--ignore-eos", action="store_true")
-    group.add_argument("--sampling-seed", type=int, default=None, help="Per-request seed.")
+    group = parser.add_argument_group(
+        "sampling", "Unset values come from the model's recommended defaults (logged at start)."
+    )
+    model = "(default: the model's"
+    group.add_argument("--max-tokens", type=int, default=256, help="Most tokens per answer.")
+    group.add_argument(
+        "--temperature", type=float, help=f"0 is greedy; higher is more random {model}, else 1)."
+    )
+    group.add_argument(
+        "--top-p", type=float, help=f"Keep the smallest top set of this mass {model}, else 1)."
+    )
+    group.add_argument(
+        "--top-k", type=int, help=f"Keep the k most likely tokens; -1 all {model}, else all)."
+    )
+    group.add_argument(
+        "--min-p", type=float, help=f"Drop tokens below min_p x the top one's {model}, else 0)."
+    )
+    group.add_argument(
+        "--repetition-penalty",
+        type=float,
+        help=f"Above 1 discourages repeating prompt and output tokens {model}, else 1).",
+    )
+    group.add_argument("--n", type=int, default=1, help="Answers per prompt.")
+    group.add_argument("--stop", action="append", help="Stop string (repeatable; default none).")
+    group.add_argument("--ignore-eos", action="store_true", help="Go on past end-of-sequence.")
+    group.add_argument(
+        "--sampling-seed",
+        type=int,
+        help="Seed of each request's own random draws (default: unseeded, differs per run).",
+    )
 
 
 def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:

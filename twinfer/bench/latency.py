@@ -29,10 +29,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=32, help="Prompt tokens per request.")
     parser.add_argument("--output-len", type=int, default=128, help="Tokens generated.")
     parser.add_argument("--batch-size", type=int, default=8, help="Requests per batch.")
-    parser.add_argument("--num-iters-warmup", type=int, default=1)
-    parser.add_argument("--num-iters", type=int, default=3)
+    parser.add_argument("--num-iters-warmup", type=int, default=1, help="Untimed batches first.")
+    parser.add_argument("--num-iters", type=int, default=3, help="Timed batches.")
     parser.add_argument("--output-json", type=Path, default=None, help="Write the result here.")
-    parser.add_argument("--disable-tqdm", action="store_true")
+    parser.add_argument("--disable-tqdm", action="store_true", help="No progress bar.")
     EngineConfig.add_cli_args(parser)
 
 

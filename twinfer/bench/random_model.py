@@ -447,8 +447,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shape", metavar="SHAPE", help=f"model shape: {shapes}")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write the checkpoint to")
     parser.add_argument("--num-layers", type=int, default=None, help="override the layer count")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="Weights' dtype."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     parser.add_argument(
         "--max-shard-size", type=_parse_size, default=2 * 2**30, help="e.g. 2GiB (default), 500MB"
     )

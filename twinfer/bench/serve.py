@@ -32,34 +32,48 @@ WORDS = (  # noqa: SIM905 - prose is easier to read than 80 quoted words
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="The server to load.")
     parser.add_argument(
         "--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions."
     )
     parser.add_argument("--model", default=None, help="Default: the first of GET /v1/models.")
     parser.add_argument("--tokenizer", default=None, help="Only to count tokens without usage.")
     parser.add_argument("--dataset-name", default="random", help="random (the only one yet).")
-    parser.add_argument("--random-input-len", type=int, default=128)
-    parser.add_argument("--random-output-len", type=int, default=128)
+    parser.add_argument(
+        "--random-input-len", type=int, default=128, help="Prompt tokens per request."
+    )
+    parser.add_argument(
+        "--random-output-len", type=int, default=128, help="Output tokens per request."
+    )
     parser.add_argument(
         "--random-range-ratio", type=float, default=0.0, help="Lengths in len * [1-r, 1+r]."
     )
     parser.add_argument(
         "--random-vocab-size", type=int, default=1000, help="Prompt token ids in [100, 100+V)."
     )
-    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--num-prompts", type=int, default=100, help="Requests in all.")
     parser.add_argument(
         "--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second."
     )
-    parser.add_argument("--max-concurrency", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument(
+        "--max-concurrency", type=int, help="Most requests in flight (default: no limit)."
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="Sampling temperature of every request."
+    )
     parser.add_argument("--ignore-eos", action="store_true", help="Send ignore_eos (vLLM).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random prompts.")
     parser.add_argument("--api-key", default=None, help="Default: $OPENAI_API_KEY.")
-    parser.add_argument("--save-result", action="store_true")
-    parser.add_argument("--result-dir", type=Path, default=Path("bench/results"))
-    parser.add_argument("--result-filename", default=None)
-    parser.add_argument("--disable-tqdm", action="store_true")
+    parser.add_argument(
+        "--save-result", action="store_true", help="Write the metrics as JSON (see --result-dir)."
+    )
+    parser.add_argument(
+        "--result-dir", type=Path, default=Path("bench/results"), help="Where --save-result writes."
+    )
+    parser.add_argument(
+        "--result-filename", help="File name under --result-dir (default: from the run's settings)."
+    )
+    parser.add_argument("--disable-tqdm", action="store_true", help="No progress bar.")
 
 
 @dataclass(slots=True)

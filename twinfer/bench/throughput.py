@@ -28,7 +28,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128, help="Tokens generated.")
     parser.add_argument("--num-prompts", type=int, default=64, help="Requests in the run.")
     parser.add_argument("--output-json", type=Path, default=None, help="Write the result here.")
-    parser.add_argument("--disable-tqdm", action="store_true")
+    parser.add_argument("--disable-tqdm", action="store_true", help="No progress bar.")
     EngineConfig.add_cli_args(parser)
 
 

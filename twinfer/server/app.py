@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -39,13 +39,34 @@ T = TypeVar("T")
 class ServerConfig:
     """Settings of the API process (the engine's are in EngineConfig)."""
 
-    host: str = "0.0.0.0"
-    port: int = 8000
-    api_key: str | None = None
-    max_request_body_bytes: int = 2**20
-    max_queued_requests: int = 1024
-    shutdown_timeout: float = 30.0
-    disable_uvicorn_access_log: bool = False
+    host: str = field(default="0.0.0.0", metadata={"help": "Address to listen on."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on (0 to 65535)."})
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Bearer token every route but /health requires (default: $TWINFER_API_KEY; "
+            "none: open)."
+        },
+    )
+    max_request_body_bytes: int = field(
+        default=2**20, metadata={"help": "Larger request bodies are refused with 413."}
+    )
+    max_queued_requests: int = field(
+        default=1024,
+        metadata={
+            "help": "Sequences that may wait beyond --max-num-seqs; more are refused with 503 "
+            "and Retry-After."
+        },
+    )
+    shutdown_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "On SIGTERM, seconds requests in flight get to finish before they are aborted."
+        },
+    )
+    disable_uvicorn_access_log: bool = field(
+        default=False, metadata={"help": "Do not log one line per HTTP request."}
+    )
 
 
 class ServerContext:

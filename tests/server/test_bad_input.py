@@ -302,3 +302,48 @@ def test_bad_input(tiny_server: Server, case: Case) -> None:
     ok = tiny_server.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
     assert isinstance(ok.json()["choices"][0]["text"], str)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (CHAT, chat(messages=user("a\ud800b")), "messages.0.content"),
+        (
+            CHAT,
+            chat(messages=user([{"type": "text", "text": "\udfff"}])),
+            "messages.0.content.0.text",
+        ),
+        (COMPLETIONS, cmpl(prompt="a\ud800b"), "prompt"),
+        (COMPLETIONS, cmpl(prompt=["ok", "x\udc00"]), "prompt.1"),
+        (COMPLETIONS, cmpl(stop=["\ud83d"]), "stop.0"),
+        (CHAT, chat(stop="\ud83d"), "stop"),
+        ("/tokenize", {"prompt": "a\ud800b"}, "prompt"),
+        ("/tokenize", {"messages": user("\ud800")}, "messages.0.content"),
+    ],
+)
+def test_lone_surrogate_is_a_400_naming_the_field_and_the_connection_lives(
+    tiny_server: Server, path: str, body: dict, param: str
+) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text: a 400 that
+    names the field (it was a 500 from the tokenizer that also broke the keep-alive connection)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    conn = http.client.HTTPConnection(urlsplit(tiny_server.url).netloc, timeout=30)
+    headers = tiny_server.headers({"Content-Type": "application/json"})
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers=headers)  # ASCII, \ud800 escaped
+        r = conn.getresponse()
+        error = json.loads(r.read())["error"]
+        assert r.status == 400, error
+        assert error["param"] == param and error["code"] == "invalid_text", error
+        assert "not valid Unicode" in error["message"] and param in error["message"], error
+        sock = conn.sock
+        assert sock is not None, "the server closed the connection after the 400"
+        conn.request("POST", COMPLETIONS, body=json.dumps(cmpl()), headers=headers)
+        ok = conn.getresponse()
+        assert ok.status == 200, ok.read()
+        ok.read()
+        assert conn.sock is sock  # the same keep-alive connection answered
+    finally:
+        conn.close()

@@ -121,6 +121,9 @@ def validation_error(errors: list[Any]) -> APIError:
     # Union members add their type name to the location; keep only the field path.
     path = [p for p in loc if not _is_type_tag(p)]
     param = ".".join(path) or None
+    if kind == "invalid_text":  # protocol._Request: the path of the bad string is in ctx
+        param = err.get("ctx", {}).get("param") or None
+        return bad_request(str(err.get("msg", "invalid text")), param=param, code="invalid_text")
     if kind == "extra_forbidden":
         return bad_request(
             f"unknown parameter {param!r}; remove it (see /docs for the accepted fields)",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from twinfer.sampling_params import SamplingParams
 
@@ -23,15 +24,54 @@ _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 TokenIds = list[Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]]
 
 
+def lone_surrogate(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """(field path, what is wrong) for the first string in a JSON value that is not valid
+    Unicode text, else None. JSON's `\\ud800` escapes decode to lone UTF-16 surrogates, which
+    no tokenizer can encode (they were a 500 that also broke the connection)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            char = f"\\u{ord(value[exc.start]):04x}"
+            return ".".join(path), f"lone UTF-16 surrogate {char} at character {exc.start}"
+        return None
+    if isinstance(value, list):
+        value = dict(enumerate(value))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            for part in (key, item):  # keys too: a bad key is as unencodable as a bad value
+                name = str(key).encode("utf-8", "backslashreplace").decode()  # printable
+                if (found := lone_surrogate(part, (*path, name))) is not None:
+                    return found
+    return None
+
+
+class _Request(BaseModel):
+    """A request body: strict types, no unknown fields, only valid Unicode text."""
+
+    model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        if (found := lone_surrogate(data)) is not None:
+            param, problem = found
+            raise PydanticCustomError(
+                "invalid_text",
+                "{param}: the text is not valid Unicode ({problem}); send UTF-8 text, with "
+                "surrogate pairs joined",
+                {"param": param, "problem": problem},
+            )
+        return data
+
+
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Request):
     """Fields common to completions and chat completions."""
-
-    model_config = _STRICT
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -160,8 +200,7 @@ class ChatCompletionRequest(_SamplingRequest):
     )
 
 
-class TokenizeRequest(BaseModel):
-    model_config = _STRICT
+class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -169,7 +208,6 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = _STRICT
+class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: TokenIds

@@ -71,14 +71,27 @@ def test_chat_template_matches_transformers(llm, smollm2_tokenizer) -> None:
     assert llm.engine.apply_chat_template(QUESTION) == list(expected)
 
 
+def test_default_sampling_is_the_embedded_models_own(llm) -> None:
+    """No flags: greedy (see DEFAULT_MODEL_SAMPLING for why not the card's 0.2 / 0.9); the same
+    GGUF given by path gets the same defaults, and --generation-config vllm drops them."""
+    from twinfer.loader.resolve import find_default_model
+
+    assert llm.get_default_sampling_params().temperature == 0.0
+    assert "embedded model" in llm.engine.info.describe_sampling_defaults()
+    by_path = LLM(str(find_default_model()), generation_config="vllm", max_model_len=64)
+    assert by_path.get_default_sampling_params().temperature == 1.0
+    assert by_path.engine.info.describe_sampling_defaults().startswith("none")
+
+
 def test_cli_generate_chat_prints_paris() -> None:
-    proc = run_twinfer("generate", "--chat", "--temperature", "0", "What is the capital of France?")
+    """The README's first offline example, exactly: no sampling flag."""
+    proc = run_twinfer("generate", "--chat", "What is the capital of France?")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
 
 
 def test_cli_chat_streams_from_stdin() -> None:
-    proc = run_twinfer("chat", "--temperature", "0", stdin="What is the capital of France?\n")
+    proc = run_twinfer("chat", stdin="What is the capital of France?\n")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
 

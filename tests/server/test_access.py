@@ -215,11 +215,12 @@ def test_config_file_unknown_key_exits_2(tmp_path, tiny, yaml_text, key):
 
 
 def test_startup_log_reports_engine_and_kv_cache(tiny_server):
-    """Operators see the engine pid and the KV cache size with the concurrency it allows."""
+    """Operators see the engine pid, the KV cache size (once) with the concurrency it allows, and
+    the sampling defaults requests start from."""
     log = tiny_server.log()
     assert re.search(r"engine core process started \(pid \d+\)", log), log[-3000:]
-    lines = [line for line in log.splitlines() if "KV cache" in line]
-    assert any(
-        re.search(r"KV cache: [\d,_]+ tokens", line) and "maximum concurrency" in line
-        for line in lines
-    ), lines or log[-3000:]
+    lines = [line for line in log.splitlines() if "KV cache:" in line]
+    assert len(lines) == 1, lines or log[-3000:]
+    assert re.search(r"KV cache: \d+ blocks x \d+ tokens = \d+ tokens", lines[0]), lines
+    assert "max concurrency" in lines[0], lines
+    assert "sampling defaults:" in log, log[-3000:]

@@ -55,6 +55,21 @@ def check_usage(usage, max_tokens: int | None = None, finish_reasons=()) -> None
 # --- the real model answers -------------------------------------------------------------------
 
 
+def test_readme_curl_body_answers_paris_without_sampling_flags(server: Server) -> None:
+    """The README's curl example, byte for byte (no temperature): the embedded model's own
+    defaults (greedy) answer with Paris, and a request's own temperature still applies."""
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    r = server.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert "Paris" in r.json()["choices"][0]["message"]["content"]
+    sampled = {**body, "temperature": 1.5, "seed": 3, "max_tokens": 8, "n": 4}
+    texts = {
+        c["message"]["content"]
+        for c in server.post("/v1/chat/completions", json=sampled).json()["choices"]
+    }
+    assert len(texts) > 1  # the request's temperature, not the greedy default
+
+
 def test_chat_answers_capital_of_france(server: Server, client: openai.OpenAI) -> None:
     """The embedded model, asked through chat at temperature 0, names Paris."""
     r = client.chat.completions.create(

@@ -238,7 +238,7 @@ class AsyncEngine:
             self.observer.on_outputs(outputs, time.monotonic())
 
     def _log_ready(self, ready: EngineReady) -> None:
-        kv_tokens = ready.num_blocks * ready.block_size
+        # NOTE: the KV cache line comes from the engine process (the runner sizes the cache).
         logger.info(
             "model %s ready: dtype %s, device %s, weights %.2f GiB, max_model_len %d",
             self.model_name,
@@ -247,14 +247,7 @@ class AsyncEngine:
             ready.weight_bytes / 2**30,
             ready.max_model_len,
         )
-        logger.info(
-            "KV cache: %d tokens (%d blocks of %d); maximum concurrency at max_model_len %d: %.2fx",
-            kv_tokens,
-            ready.num_blocks,
-            ready.block_size,
-            ready.max_model_len,
-            kv_tokens / ready.max_model_len,
-        )
+        logger.info("sampling defaults: %s", self.info.describe_sampling_defaults())
 
     # ---- requests ----
     def tokenize(self, prompt: PromptType) -> ProcessedPrompt:

@@ -37,6 +37,7 @@ class LLMEngine:
             self.info.device,
             self.info.max_model_len,
         )
+        logger.info("sampling defaults: %s", self.info.describe_sampling_defaults())
 
     @property
     def model_name(self) -> str:

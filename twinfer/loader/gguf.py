@@ -93,6 +93,16 @@ def is_gguf_file(path: str | Path) -> bool:
         return False
 
 
+# llama.cpp's sampling defaults in a GGUF -> generation_config.json's names.
+_SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class GGUFTensorInfo:
     name: str
@@ -420,13 +430,18 @@ class GGUFCheckpoint:
         return cfg
 
     def generation_config(self) -> dict:
-        """{"bos_token_id", "eos_token_id"} from the tokenizer.ggml.* fields, where present.
+        """generation_config.json's keys from the file, where present: bos/eos_token_id from the
+        tokenizer.ggml.* fields, sampling defaults from general.sampling.* (llama.cpp's names).
 
         eos_token_id is an int, or a list when the file also names a different end-of-turn
         (eot) or end-of-message (eom) token, as HF generation_config.json lists them.
         """
         meta = self.metadata
-        out = {}
+        out = {
+            hf_name: meta[key]
+            for key, hf_name in _SAMPLING_KEYS.items()
+            if meta.get(key) is not None
+        }
         if (bos := meta.get("tokenizer.ggml.bos_token_id")) is not None:
             out["bos_token_id"] = bos
         ids = [

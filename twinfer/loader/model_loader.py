@@ -36,9 +36,17 @@ class ModelInfo:
     bos_token_id: int | None
     vocab_size: int
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    generation_defaults_from: str = "none"  # where they came from, for the start-up log
     weight_bytes: int = 0  # filled by load_model
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read
     moe_plan: MoEPlan | None = None  # where routed experts live (hybrid.placement)
+
+    def describe_sampling_defaults(self) -> str:
+        """E.g. 'temperature 0.2, top_p 0.9 (from the ... model card)', for the start-up log."""
+        if not self.generation_defaults:
+            return "none (temperature 1.0, the full vocabulary); requests set their own"
+        values = ", ".join(f"{k} {v}" for k, v in self.generation_defaults.items())
+        return f"{values} (from {self.generation_defaults_from}); a request's own values win"
 
     @property
     def has_host_experts(self) -> bool:
@@ -121,17 +129,13 @@ def model_info(config: EngineConfig) -> ModelInfo:
             f"(max_position_embeddings); lower --max-model-len to at most {limit}."
         )
     _check_sliding_window(hf_config, int(max_model_len))
-    gen = _generation_config(config, source)
+    gen, gen_from = _generation_config(config, source)
     eos = gen.pop("eos_token_id", None)
     if eos is None:
         eos = getattr(hf_config, "eos_token_id", None)
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
     bos = gen.pop("bos_token_id", getattr(hf_config, "bos_token_id", None))
-    defaults = {
-        k: gen[k]
-        for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
-        if gen.get(k) is not None
-    }
+    defaults = {k: gen[k] for k in (*_SAMPLING_KEYS, "max_new_tokens") if gen.get(k) is not None}
     info = ModelInfo(
         source=source,
         hf_config=hf_config,
@@ -142,6 +146,7 @@ def model_info(config: EngineConfig) -> ModelInfo:
         bos_token_id=bos,
         vocab_size=int(hf_config.vocab_size),
         generation_defaults=defaults,
+        generation_defaults_from=gen_from,
         load_format=config.load_format,
     )
     info.moe_plan = plan_moe(config, info, get_model_class(list(hf_config.architectures)))
@@ -161,21 +166,36 @@ def _check_sliding_window(hf_config: Any, max_model_len: int) -> None:
         )
 
 
-def _generation_config(config: EngineConfig, source: ModelSource) -> dict[str, Any]:
+def _generation_config(config: EngineConfig, source: ModelSource) -> tuple[dict[str, Any], str]:
+    """The generation config's keys and where they came from. With `auto`, sampling defaults
+    the model is known to recommend (`source.recommended_sampling`) fill what its files lack."""
     if config.generation_config == "vllm":
-        return {}
+        return {}, "none"
     if source.kind == "gguf" and config.generation_config == "auto":
-        return dict(open_gguf(source.path).generation_config())
-    folder = source.path if config.generation_config == "auto" else Path(config.generation_config)
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        if config.generation_config != "auto":
-            raise ValueError(f"--generation-config {folder} has no generation_config.json.")
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); fix or delete it.") from exc
+        gen, origin = dict(open_gguf(source.path).generation_config()), "the GGUF's metadata"
+    else:
+        auto = config.generation_config == "auto"
+        folder = source.path if auto else Path(config.generation_config)
+        path = folder / "generation_config.json"
+        if not path.is_file():
+            if not auto:
+                raise ValueError(f"--generation-config {folder} has no generation_config.json.")
+            gen, origin = {}, "none"
+        else:
+            try:
+                gen, origin = json.loads(path.read_text()), str(path)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc}); fix or delete it.") from exc
+    recommended = source.recommended_sampling
+    if config.generation_config == "auto" and recommended and not gen.keys() & _SAMPLING_KEYS:
+        from twinfer.loader.resolve import DEFAULT_MODEL_SAMPLING_FROM
+
+        gen.update(recommended)
+        origin = DEFAULT_MODEL_SAMPLING_FROM
+    return gen, origin
+
+
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def load_tokenizer(config: EngineConfig, source: ModelSource) -> Any:

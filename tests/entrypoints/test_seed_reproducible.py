@@ -33,8 +33,12 @@ def run(llm: LLM, arrivals: list[tuple[int, str, int]]) -> list[int]:
     return tokens
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_seeded_request_is_the_same_alone_and_beside_load(tiny_checkpoints, dtype: str) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "moe_backend"), [("float32", "auto"), ("bfloat16", "auto"), ("float32", "torch")]
+)
+def test_seeded_request_is_the_same_alone_and_beside_load(
+    tiny_checkpoints, dtype: str, moe_backend: str
+) -> None:
     # A small step budget: prompts are chunked and share steps with decodes; neighbours longer
     # and shorter than the target (a padded, masked decode batch gave different last bits in bf16).
     llm = LLM(
@@ -42,6 +46,7 @@ def test_seeded_request_is_the_same_alone_and_beside_load(tiny_checkpoints, dtyp
         dtype=dtype,
         max_model_len=1024,
         max_num_batched_tokens=48,
+        moe_backend=moe_backend,  # auto: the native CPU expert engine where built
     )
     alone = run(llm, [])
     rng = random.Random(0)

@@ -27,9 +27,9 @@ from twinfer.layers.linear import (
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
-    WeightShapeError,
 )
 from twinfer.layers.norm import RMSNorm
+from twinfer.layers.params import WeightShapeError
 from twinfer.layers.rotary import RotaryEmbedding, rope_parameters
 from twinfer.parallel import ParallelConfig
 

@@ -10,14 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twinfer.layers.linear import (
-    check_shape,
-    cpu_prepack,
-    new_param,
-    packed_linear,
-    tp_all_gather,
-    tp_all_reduce,
-)
+from twinfer.layers.linear import tp_all_gather, tp_all_reduce
+from twinfer.layers.params import check_shape, new_param
+from twinfer.layers.quantization.cpu_kernels import cpu_prepack, packed_linear
 from twinfer.parallel import ParallelConfig
 
 

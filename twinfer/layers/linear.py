@@ -11,44 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twinfer.layers.cuda_ops import cuda_ops
+from twinfer.layers.params import check_shape, default_weight_loader, new_param
+from twinfer.layers.quantization import LinearMethod, UnquantizedLinearMethod
+from twinfer.layers.quantization.cpu_kernels import pack_int4
 from twinfer.parallel import ParallelConfig
-
-
-class WeightShapeError(ValueError):
-    """A checkpoint tensor does not have the shape the parameter expects.
-
-    The model's `load_weights` catches it and re-raises with the checkpoint name.
-    """
-
-    def __init__(self, got: Sequence[int], expected: Sequence[int]) -> None:
-        self.got = tuple(got)
-        self.expected = tuple(expected)
-        super().__init__(f"weight has shape {list(got)} but the model expects {list(expected)}")
-
-
-def check_shape(loaded: Tensor, expected: Sequence[int]) -> None:
-    """Raise `WeightShapeError` unless `loaded` has exactly the (full, unsharded) shape expected."""
-    if tuple(loaded.shape) != tuple(expected):
-        raise WeightShapeError(loaded.shape, expected)
-
-
-def new_param(*shape: int) -> nn.Parameter:
-    """An uninitialised inference parameter in the current default dtype and device.
-
-    NOTE: torch.empty, not an init function: the loader overwrites every value, so random init
-    would only cost time (minutes for a large model).
-    """
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
-def default_weight_loader(param: Tensor, loaded_weight: Tensor, shard_id: object = None) -> None:
-    """Copy a replicated tensor as a whole (casting to the parameter's dtype)."""
-    check_shape(loaded_weight, param.shape)
-    param.data.copy_(loaded_weight)
 
 
 def tp_all_reduce(x: Tensor, parallel: ParallelConfig) -> Tensor:
@@ -70,47 +38,30 @@ def tp_all_gather(x: Tensor, parallel: ParallelConfig) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def cpu_prepack(weight: Tensor) -> Tensor | None:
-    """W repacked once into oneDNN's blocked layout for CPU GEMMs, or None where that can't run.
-
-    NOTE: measured on a 2-core AMX Xeon, packed bf16 runs a decode step's GEMVs ~2x and its
-    16-row GEMMs ~4x faster than F.linear on the plain weight (fp32: ~1.3x and ~1.8x). oneDNN's
-    bf16 path needs AVX512-BW/VL/DQ or AVX-NE-CONVERT: an AVX2-only CPU keeps bf16 weights plain.
-    """
-    if (
-        weight.device.type != "cpu"
-        or weight.dtype not in (torch.float32, torch.bfloat16)
-        or not torch.backends.mkldnn.is_available()
-        or (weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        or weight.numel() == 0
-    ):
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-
-
-INT4_GROUP = 32
-
-
-def pack_int4(q: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """An int4 grid (q [N, K] in 0..15, scale/zero [N, K/32]: w = (q - 8) * scale + zero) packed
-    for torch's CPU int4 GEMM: (weight [N, K/2] uint8, scales_and_zeros [K/32, N, 2] in dtype)."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
-    return packed, scales_and_zeros
-
-
-def int4_linear(x: Tensor, int4: tuple[Tensor, Tensor], bias: Tensor | None) -> Tensor:
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4[0], INT4_GROUP, int4[1])
-    return y if bias is None else y + bias
-
-
-def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-    """y = x W^T (+ b) with W from `cpu_prepack`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def in_param_units(
+    param: Tensor, dim: int, full: int, start: int, n: int, prefix: str
+) -> tuple[int, int, int]:
+    """(full, start, n) along `dim` in `param`'s units: weight elements, or blocks for a block
+    scale (`param.block_size`), whose slices must start on a block and end on one or at `full`."""
+    block = getattr(param, "block_size", None)
+    if block is None:
+        return full, start, n
+    b = block[dim]
+    if start % b or (n % b and start + n != full):
+        raise ValueError(
+            f"{prefix}: {'rows' if dim == 0 else 'columns'} {start}..{start + n} of {full} do "
+            f"not fall on the checkpoint's scale blocks of {b}; twinfer cannot split or fuse this "
+            "quantized layer there."
+        )
+    return -(-full // b), start // b, -(-n // b)
 
 
 class LinearBase(nn.Module):
-    """y = x W^T (+ b) with this rank's slice of W: [output_size_local, input_size_local]."""
+    """y = x W^T (+ b) with this rank's slice of W: [output_size_local, input_size_local].
+
+    The weight's format is the layer's `quant_method` (plain by default): it creates the weight
+    parameters, prepares them after loading and applies the matmul; the layer shards them.
+    """
 
     packed_weight: Tensor | None = None
     int4_weight: tuple[Tensor, Tensor] | None = None  # see `use_int4`
@@ -122,14 +73,15 @@ class LinearBase(nn.Module):
         bias: bool,
         parallel: ParallelConfig | None,
         prefix: str,
+        quant_method: LinearMethod | None = None,
     ) -> None:
         super().__init__()
         self.parallel = parallel or ParallelConfig()
         self.prefix = prefix
         self.input_size_local = input_size_local
         self.output_size_local = output_size_local
-        self.weight = new_param(output_size_local, input_size_local)
-        self.weight.weight_loader = self.weight_loader
+        self.quant_method = quant_method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self)
         self.bias: nn.Parameter | None = None
         if bias:
             self.bias = new_param(output_size_local)
@@ -148,29 +100,19 @@ class LinearBase(nn.Module):
         self.weight.data = self.weight.data.new_empty(0)
 
     def process_weights_after_loading(self) -> None:
-        """Prepare W once for the runtime kernel (CPU: prepacked, the plain copy freed)."""
-        if self.int4_weight is not None:
-            return
-        packed = cpu_prepack(self.weight)
-        if packed is not None:
-            self.packed_weight = packed
-            self.weight.data = self.weight.data.new_empty(0)
+        """Prepare the weights once for the runtime kernel (e.g. CPU: prepacked)."""
+        self.quant_method.process_weights_after_loading(self)
 
     def matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        if self.int4_weight is not None:
-            return int4_linear(x, self.int4_weight, bias)
-        if self.packed_weight is not None:
-            return packed_linear(x, self.packed_weight, bias)
-        if x.dim() == 2 and x.shape[0] == 1 and (ops := cuda_ops(x)) is not None:
-            return ops.gemv(x, self.weight, bias)  # decode of one sequence: one streaming kernel
-        return F.linear(x, self.weight, bias)
+        return self.quant_method.apply(self, x, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.matmul(x, self.bias)
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
-        return f"in={self.input_size_local}, out={self.output_size_local}, bias={bias}"
+        method = type(self.quant_method).__name__
+        return f"in={self.input_size_local}, out={self.output_size_local}, bias={bias}, {method}"
 
 
 class ReplicatedLinear(LinearBase):
@@ -183,8 +125,9 @@ class ReplicatedLinear(LinearBase):
         bias: bool = False,
         parallel: ParallelConfig | None = None,
         prefix: str = "",
+        quant_method: LinearMethod | None = None,
     ) -> None:
-        super().__init__(input_size, output_size, bias, parallel, prefix)
+        super().__init__(input_size, output_size, bias, parallel, prefix, quant_method)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -198,10 +141,11 @@ class ColumnParallelLinear(LinearBase):
         gather_output: bool = False,
         parallel: ParallelConfig | None = None,
         prefix: str = "",
+        quant_method: LinearMethod | None = None,
     ) -> None:
         parallel = parallel or ParallelConfig()
         out_local = parallel.shard(output_size, f"{prefix or 'linear'} output size")
-        super().__init__(input_size, out_local, bias, parallel, prefix)
+        super().__init__(input_size, out_local, bias, parallel, prefix, quant_method)
         self.input_size = input_size
         self.output_size = output_size
         self.gather_output = gather_output
@@ -209,7 +153,12 @@ class ColumnParallelLinear(LinearBase):
     def _load_rows(
         self, param: Tensor, loaded: Tensor, full_rows: int, src: int, dst: int, n: int
     ) -> None:
-        """Check `loaded` is [full_rows, ...]; copy its rows [src, src+n) to param[dst, dst+n)."""
+        """Check `loaded` is [full_rows, ...]; copy its rows [src, src+n) to param[dst, dst+n).
+
+        Rows count elements of the weight; a block scale's loader converts them to blocks."""
+        name = self.prefix or type(self).__name__
+        dst = in_param_units(param, 0, dst + n, dst, n, name)[1]
+        full_rows, src, n = in_param_units(param, 0, full_rows, src, n, name)
         expected = (full_rows, *param.shape[1:])
         check_shape(loaded, expected)
         param.data[dst : dst + n].copy_(loaded[src : src + n])
@@ -236,20 +185,24 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         bias: bool = False,
         parallel: ParallelConfig | None = None,
         prefix: str = "",
+        quant_method: LinearMethod | None = None,
     ) -> None:
         self.output_sizes = list(output_sizes)
         parallel = parallel or ParallelConfig()
         for i, size in enumerate(self.output_sizes):
             parallel.shard(size, f"{prefix or 'linear'} output {i} size")
-        super().__init__(input_size, sum(self.output_sizes), bias, False, parallel, prefix)
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.shard_ids = frozenset(range(len(self.output_sizes)))
+        super().__init__(
+            input_size, sum(self.output_sizes), bias, False, parallel, prefix, quant_method
+        )
+        for p in self.parameters(recurse=False):
+            p.shard_ids = frozenset(range(len(self.output_sizes)))
 
     def weight_loader(self, param: Tensor, loaded_weight: Tensor, shard_id: object = None) -> None:
         if shard_id is None:  # an already fused checkpoint tensor
-            check_shape(loaded_weight, (self.output_size, *param.shape[1:]))
-            for i, part in enumerate(torch.split(loaded_weight, self.output_sizes, dim=0)):
+            rows = in_param_units(param, 0, self.output_size, 0, 0, self.prefix)[0]
+            check_shape(loaded_weight, (rows, *param.shape[1:]))
+            sizes = [in_param_units(param, 0, n, 0, n, self.prefix)[2] for n in self.output_sizes]
+            for i, part in enumerate(torch.split(loaded_weight, sizes, dim=0)):
                 self.weight_loader(param, part, i)
             return
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
@@ -278,6 +231,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         bias: bool = False,
         parallel: ParallelConfig | None = None,
         prefix: str = "",
+        quant_method: LinearMethod | None = None,
     ) -> None:
         parallel = parallel or ParallelConfig()
         tp = parallel.tp_size
@@ -301,10 +255,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.kv_size = self.num_kv_heads * head_size
         # Build as a column layer of the *local* size times tp, so the base class sizes match.
         out = (self.q_size + 2 * self.kv_size) * tp
-        super().__init__(hidden_size, out, bias, False, parallel, prefix)
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.shard_ids = frozenset(("q", "k", "v"))
+        super().__init__(hidden_size, out, bias, False, parallel, prefix, quant_method)
+        for p in self.parameters(recurse=False):
+            p.shard_ids = frozenset(("q", "k", "v"))
 
     def weight_loader(self, param: Tensor, loaded_weight: Tensor, shard_id: object = None) -> None:
         rank, d = self.parallel.tp_rank, self.head_size
@@ -332,10 +285,11 @@ class RowParallelLinear(LinearBase):
         reduce_results: bool = True,
         parallel: ParallelConfig | None = None,
         prefix: str = "",
+        quant_method: LinearMethod | None = None,
     ) -> None:
         parallel = parallel or ParallelConfig()
         in_local = parallel.shard(input_size, f"{prefix or 'linear'} input size")
-        super().__init__(in_local, output_size, bias, parallel, prefix)
+        super().__init__(in_local, output_size, bias, parallel, prefix, quant_method)
         self.input_size = input_size
         self.output_size = output_size
         self.reduce_results = reduce_results
@@ -344,8 +298,10 @@ class RowParallelLinear(LinearBase):
         if param.dim() == 1:  # bias: replicated
             default_weight_loader(param, loaded_weight)
             return
-        check_shape(loaded_weight, (self.output_size, self.input_size))
+        rows = in_param_units(param, 0, self.output_size, 0, 0, self.prefix)[0]
         n, lo = self.input_size_local, self.parallel.tp_rank * self.input_size_local
+        cols, lo, n = in_param_units(param, 1, self.input_size, lo, n, self.prefix)
+        check_shape(loaded_weight, (rows, cols))
         param.data.copy_(loaded_weight[:, lo : lo + n])
 
     def forward(self, x: Tensor) -> Tensor:

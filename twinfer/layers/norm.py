@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twinfer.layers.cuda_ops import cuda_ops
-from twinfer.layers.linear import default_weight_loader, new_param
+from twinfer.layers.params import default_weight_loader, new_param
 
 
 class RMSNorm(nn.Module):

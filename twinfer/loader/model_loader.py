@@ -16,6 +16,11 @@ from torch import nn
 
 from twinfer.config import EngineConfig
 from twinfer.hybrid.placement import MoEPlan, fill_vram_budget, plan_moe, use_moe_plan
+from twinfer.layers.quantization import (
+    QuantizationConfig,
+    UnquantizedConfig,
+    get_quantization_config,
+)
 from twinfer.loader.resolve import ModelSource, resolve_model
 from twinfer.loader.safetensors import iter_safetensors, safetensors_files
 from twinfer.parallel import ParallelConfig
@@ -37,6 +42,7 @@ class ModelInfo:
     vocab_size: int
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     generation_defaults_from: str = "none"  # where they came from, for the start-up log
+    quant_config: QuantizationConfig = field(default_factory=UnquantizedConfig)
     weight_bytes: int = 0  # filled by load_model
     load_format: str = "auto"  # "dummy": random weights, no checkpoint read
     moe_plan: MoEPlan | None = None  # where routed experts live (hybrid.placement)
@@ -149,7 +155,15 @@ def model_info(config: EngineConfig) -> ModelInfo:
         generation_defaults_from=gen_from,
         load_format=config.load_format,
     )
+    if source.kind == "hf":
+        info.quant_config = get_quantization_config(getattr(hf_config, "quantization_config", None))
     info.moe_plan = plan_moe(config, info, get_model_class(list(hf_config.architectures)))
+    if info.moe_plan is not None and not isinstance(info.quant_config, UnquantizedConfig):
+        raise ValueError(
+            f"this checkpoint's routed experts are stored as {info.quant_config.describe()}, "
+            "which twinfer's MoE layers do not load yet (only its dense layers can); use an "
+            "unquantized (bf16) checkpoint of this model for now."
+        )
     return info
 
 
@@ -240,7 +254,13 @@ def _dummy_weights(model: nn.Module) -> set[str]:
     for p in model.parameters():
         if p.device not in gens:
             gens[p.device] = torch.Generator(p.device).manual_seed(0)
-        p.uniform_(-1e-3, 1e-3, generator=gens[p.device])
+        if p.dtype.is_floating_point and p.element_size() == 1:  # fp8: no uniform_ kernel
+            noise = torch.empty(p.shape, device=p.device).uniform_(
+                -1e-3, 1e-3, generator=gens[p.device]
+            )
+            p.copy_(noise)
+        else:
+            p.uniform_(-1e-3, 1e-3, generator=gens[p.device])
     return set(dict(model.named_parameters()))
 
 
@@ -257,7 +277,7 @@ def load_model(info: ModelInfo) -> nn.Module:
     torch.set_default_dtype(info.dtype)
     try:
         with info.device, use_moe_plan(plan):
-            model = model_cls(info.hf_config, ParallelConfig())
+            model = model_cls(info.hf_config, ParallelConfig(), info.quant_config)
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():
@@ -287,13 +307,14 @@ def load_model(info: ModelInfo) -> nn.Module:
                 if hasattr(module, "process_weights_after_loading"):
                     module.process_weights_after_loading()
     logger.info(
-        "loaded %s (%s) in %.1f s: %.2f GiB of %s weights on %s",
+        "loaded %s (%s) in %.1f s: %.2f GiB of %s weights on %s; weight format %s",
         info.source.name,
         info.hf_config.architectures[0],
         time.perf_counter() - start,
         nbytes / 2**30,
         str(info.dtype).removeprefix("torch."),
         info.device,
+        info.quant_config.describe(),
     )
     if plan is not None and (plan.host_layers or plan.vram_budget is not None):
         engine = plan.cpu_engine() if plan.host_layers else None

@@ -17,6 +17,7 @@ from twinfer.layers.attention import Attention
 from twinfer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from twinfer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from twinfer.layers.norm import RMSNorm
+from twinfer.layers.quantization import QuantizationConfig, UnquantizedConfig
 from twinfer.layers.rotary import RotaryEmbedding
 from twinfer.models.weights import load_hf_weights
 from twinfer.parallel import ParallelConfig
@@ -47,13 +48,25 @@ class LlamaMLP(nn.Module):
         bias: bool = False,
         parallel: ParallelConfig | None = None,
         prefix: str = "",
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
+        quant = quant_config or UnquantizedConfig()
         self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size, [intermediate_size] * 2, bias, parallel, f"{prefix}.gate_up_proj"
+            hidden_size,
+            [intermediate_size] * 2,
+            bias,
+            parallel,
+            f"{prefix}.gate_up_proj",
+            quant.linear_method(f"{prefix}.gate_up_proj"),
         )
         self.down_proj = RowParallelLinear(
-            intermediate_size, hidden_size, bias, parallel=parallel, prefix=f"{prefix}.down_proj"
+            intermediate_size,
+            hidden_size,
+            bias,
+            parallel=parallel,
+            prefix=f"{prefix}.down_proj",
+            quant_method=quant.linear_method(f"{prefix}.down_proj"),
         )
         self.act_fn = get_act_and_mul(hidden_act)
 
@@ -76,18 +89,32 @@ class LlamaAttention(nn.Module):
         qk_norm_eps: float | None = None,
         parallel: ParallelConfig | None = None,
         prefix: str = "",
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
+        quant = quant_config or UnquantizedConfig()
         self.head_dim = head_dim
         self.qkv_proj = QKVParallelLinear(
-            hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias, parallel, f"{prefix}.qkv_proj"
+            hidden_size,
+            head_dim,
+            num_heads,
+            num_kv_heads,
+            qkv_bias,
+            parallel,
+            f"{prefix}.qkv_proj",
+            quant.linear_method(f"{prefix}.qkv_proj"),
         )
         self.num_heads = self.qkv_proj.num_heads  # this rank's
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.qkv_proj.q_size
         self.kv_size = self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(
-            num_heads * head_dim, hidden_size, o_bias, parallel=parallel, prefix=f"{prefix}.o_proj"
+            num_heads * head_dim,
+            hidden_size,
+            o_bias,
+            parallel=parallel,
+            prefix=f"{prefix}.o_proj",
+            quant_method=quant.linear_method(f"{prefix}.o_proj"),
         )
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
@@ -166,10 +193,17 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Llama: `attention_bias` and `mlp_bias` from the config; head_dim from config or H / heads."""
 
-    def __init__(self, config: Any, parallel: ParallelConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        parallel: ParallelConfig | None = None,
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.parallel = parallel or ParallelConfig()
+        # The checkpoint's weight format: every linear layer gets its method from it.
+        self.quant_config = quant_config or UnquantizedConfig()
         # Window the runner must respect (max_model_len <= it) until attention supports windows.
         self.sliding_window = sliding_window_of(config)
         self.model = LlamaModel(config, self.parallel, self)
@@ -201,6 +235,7 @@ class LlamaForCausalLM(nn.Module):
             qk_norm_eps=c.rms_norm_eps if qk_norm else None,
             parallel=self.parallel,
             prefix=prefix,
+            quant_config=self.quant_config,
         )
 
     def make_attention(self, layer_idx: int, rotary_emb: RotaryEmbedding, prefix: str) -> nn.Module:
@@ -209,7 +244,15 @@ class LlamaForCausalLM(nn.Module):
 
     def dense_mlp(self, intermediate_size: int, prefix: str, bias: bool = False) -> LlamaMLP:
         c = self.config
-        return LlamaMLP(c.hidden_size, intermediate_size, c.hidden_act, bias, self.parallel, prefix)
+        return LlamaMLP(
+            c.hidden_size,
+            intermediate_size,
+            c.hidden_act,
+            bias,
+            self.parallel,
+            prefix,
+            self.quant_config,
+        )
 
     def make_mlp(self, layer_idx: int, prefix: str) -> nn.Module:
         bias = bool(getattr(self.config, "mlp_bias", False))

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
 
-from twinfer.layers.linear import WeightShapeError, default_weight_loader
+from twinfer.layers.params import WeightShapeError, default_weight_loader
 
 # Buffers some checkpoints carry that are not parameters (twinfer recomputes them).
 _SKIP = re.compile(r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
@@ -21,9 +21,13 @@ _EXPERT_SHARD |= {"down_proj": "w2", "w2": "w2"}
 
 # (HF name pattern, twinfer parameter name, shard id from the match)
 _RULES: list[tuple[re.Pattern[str], str, Callable[[re.Match[str]], object]]] = [
-    (re.compile(r"^(.*)\.([qkv])_proj\.(weight|bias)$"), r"\1.qkv_proj.\3", lambda m: m[2]),
     (
-        re.compile(r"^(.*\.mlp)\.(gate|up)_proj\.(weight|bias)$"),
+        re.compile(r"^(.*)\.([qkv])_proj\.(weight|bias|weight_scale_inv)$"),
+        r"\1.qkv_proj.\3",
+        lambda m: m[2],
+    ),
+    (
+        re.compile(r"^(.*\.mlp)\.(gate|up)_proj\.(weight|bias|weight_scale_inv)$"),
         r"\1.gate_up_proj.\3",
         lambda m: 0 if m[2] == "gate" else 1,
     ),

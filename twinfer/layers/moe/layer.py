@@ -14,14 +14,10 @@ from torch import Tensor, nn
 from twinfer.hybrid.gpu_prefill import current_stream_session
 from twinfer.hybrid.placement import NATIVE_FORMATS, current_moe_plan
 from twinfer.layers.cuda_ops import cuda_moe_ops
-from twinfer.layers.linear import (
-    ReplicatedLinear,
-    check_shape,
-    new_param,
-    tp_all_reduce,
-)
+from twinfer.layers.linear import ReplicatedLinear, tp_all_reduce
 from twinfer.layers.moe.backends import get_expert_backend
 from twinfer.layers.moe.placement import ExpertPlacement
+from twinfer.layers.params import check_shape, new_param
 from twinfer.parallel import ParallelConfig
 
 if TYPE_CHECKING:

@@ -1,0 +1,37 @@
+"""Weight formats (vLLM's quantization methods), chosen once from a checkpoint's
+`quantization_config`: each gives every linear layer the `LinearMethod` that stores and applies
+its weight. A new format is one module here, registered in `_METHODS`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twinfer.layers.quantization.base import LinearMethod, QuantizationConfig
+from twinfer.layers.quantization.fp8 import Fp8Config
+from twinfer.layers.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod
+
+__all__ = [
+    "LinearMethod",
+    "QuantizationConfig",
+    "UnquantizedConfig",
+    "UnquantizedLinearMethod",
+    "get_quantization_config",
+]
+
+_METHODS: dict[str, type[QuantizationConfig]] = {"fp8": Fp8Config}
+
+
+def get_quantization_config(hf_quant_config: Any) -> QuantizationConfig:
+    """The format of a checkpoint from its config.json `quantization_config` (None: plain)."""
+    if hf_quant_config is None:
+        return UnquantizedConfig()
+    if not isinstance(hf_quant_config, dict):
+        to_dict = getattr(hf_quant_config, "to_dict", None)
+        hf_quant_config = to_dict() if to_dict is not None else vars(hf_quant_config)
+    method = str(hf_quant_config.get("quant_method", "")).lower()
+    if method not in _METHODS:
+        raise ValueError(
+            f"this checkpoint is quantized with quant_method {method!r}, which twinfer does not "
+            f"load yet; supported: {', '.join(sorted(_METHODS))} (or an unquantized checkpoint)."
+        )
+    return _METHODS[method].from_config(hf_quant_config)

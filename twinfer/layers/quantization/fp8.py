@@ -1,0 +1,128 @@
+"""Block FP8 weights as DeepSeek-V3, MiniMax-M2 and the Qwen FP8 releases ship them.
+
+`quantization_config: {quant_method: fp8, fmt: e4m3, activation_scheme: dynamic,
+weight_block_size: [128, 128]}`: each linear weight is float8_e4m3fn [N, K] beside a float32
+`weight_scale_inv` [ceil(N/bn), ceil(K/bk)], and W = weight * scale of its (bn x bk) block.
+
+Legend: `T` tokens, `N` output features, `K` input features, `bn`/`bk` the block's rows/columns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from twinfer.layers.quantization.base import LinearMethod, QuantizationConfig
+from twinfer.layers.quantization.unquantized import UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from twinfer.layers.linear import LinearBase
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+class Fp8Config(QuantizationConfig):
+    name = "fp8"
+
+    def __init__(self, block: tuple[int, int], ignored: list[str]) -> None:
+        self.block = block
+        self.ignored = ignored
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Fp8Config:
+        fmt = config.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ValueError(f"quantization_config fmt {fmt!r}: twinfer reads e4m3 FP8 weights.")
+        scheme = config.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            raise ValueError(
+                f"quantization_config activation_scheme {scheme!r} is not supported; twinfer "
+                "runs FP8 checkpoints with dynamic activations (the DeepSeek/Qwen block format)."
+            )
+        block = config.get("weight_block_size")
+        if block is None:
+            raise ValueError(
+                "this FP8 checkpoint has one scale per tensor (no weight_block_size), which "
+                "twinfer does not load yet; block-scaled FP8 ([128, 128]) is supported."
+            )
+        if (
+            not isinstance(block, list | tuple)
+            or len(block) != 2
+            or not all(isinstance(b, int) and b > 0 for b in block)
+        ):
+            raise ValueError(
+                f"quantization_config weight_block_size must be two positive ints, got {block!r}."
+            )
+        ignored = config.get("modules_to_not_convert") or config.get("ignored_layers") or []
+        return cls((block[0], block[1]), [str(name) for name in ignored])
+
+    def linear_method(self, prefix: str) -> LinearMethod:
+        if is_ignored(prefix, self.ignored):
+            return UnquantizedLinearMethod()
+        return Fp8BlockLinearMethod(self.block)
+
+    def describe(self) -> str:
+        return f"fp8 (e4m3, blocks of {self.block[0]}x{self.block[1]}, dynamic activations)"
+
+
+# Checkpoint projections a fused twinfer layer is made of (an ignore list names those).
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def is_ignored(prefix: str, ignored: list[str]) -> bool:
+    """Whether the layer `prefix` stays unquantized; a fused layer needs all or none of its
+    checkpoint projections listed."""
+    head, _, leaf = prefix.rpartition(".")
+    names = [f"{head}.{part}" for part in _FUSED.get(leaf, ())] or [prefix]
+    hits = [any(_matches(name, entry) for entry in ignored) for name in names]
+    if any(hits) and not all(hits):
+        raise ValueError(
+            f"{prefix}: the checkpoint quantizes some of {', '.join(names)} but not all; twinfer "
+            "fuses them into one layer, which needs one format."
+        )
+    return all(hits)
+
+
+def _matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry) or name.startswith(entry + ".")
+
+
+class Fp8BlockLinearMethod(LinearMethod):
+    """Keeps the FP8 bytes and block scales; applies W dequantized to the activations' dtype.
+
+    NOTE: the reference path (CPU, or any device without an FP8 kernel): each call expands the
+    weight, which costs a [N, K] temporary; the memory held stays 1 byte per weight.
+    """
+
+    def __init__(self, block: tuple[int, int]) -> None:
+        self.block = block
+
+    def create_weights(self, layer: LinearBase) -> None:
+        n, k = layer.output_size_local, layer.input_size_local
+        bn, bk = self.block
+        layer.weight = _param(torch.empty(n, k, dtype=FP8_DTYPE), layer)
+        scale = _param(torch.empty(-(-n // bn), -(-k // bk), dtype=torch.float32), layer)
+        scale.block_size = self.block  # the layer's loaders slice it in blocks
+        layer.weight_scale_inv = scale
+
+    def apply(self, layer: LinearBase, x: Tensor, bias: Tensor | None) -> Tensor:
+        w = dequantize_blocks(layer.weight, layer.weight_scale_inv, self.block, x.dtype)
+        return F.linear(x, w, bias)
+
+
+def dequantize_blocks(
+    weight: Tensor, scale: Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> Tensor:
+    """weight [N, K] (fp8) times its blocks' scales [ceil(N/bn), ceil(K/bk)] -> [N, K] dtype."""
+    n, k = weight.shape
+    s = scale.repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    return (weight.to(torch.float32) * s).to(dtype)
+
+
+def _param(data: Tensor, layer: LinearBase) -> nn.Parameter:
+    param = nn.Parameter(data, requires_grad=False)
+    param.weight_loader = layer.weight_loader
+    return param

@@ -13,8 +13,12 @@ from torch import Tensor, nn
 
 from twinfer.layers.params import WeightShapeError, default_weight_loader
 
-# Buffers some checkpoints carry that are not parameters (twinfer recomputes them).
-_SKIP = re.compile(r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
+# Buffers some checkpoints carry that are not parameters (twinfer recomputes them), and
+# compressed-tensors' `weight_shape` (the [out, in] config.json already gives).
+_SKIP = re.compile(r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$|\.weight_shape$")
+
+# Parameters weight formats add beside (or instead of) `weight`, fused like it.
+_QUANT_PARAMS = "weight_scale_inv|weight_packed|weight_scale|weight_zero_point"
 
 _EXPERT_SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3"}
 _EXPERT_SHARD |= {"down_proj": "w2", "w2": "w2"}
@@ -22,12 +26,12 @@ _EXPERT_SHARD |= {"down_proj": "w2", "w2": "w2"}
 # (HF name pattern, twinfer parameter name, shard id from the match)
 _RULES: list[tuple[re.Pattern[str], str, Callable[[re.Match[str]], object]]] = [
     (
-        re.compile(r"^(.*)\.([qkv])_proj\.(weight|bias|weight_scale_inv)$"),
+        re.compile(rf"^(.*)\.([qkv])_proj\.(weight|bias|{_QUANT_PARAMS})$"),
         r"\1.qkv_proj.\3",
         lambda m: m[2],
     ),
     (
-        re.compile(r"^(.*\.mlp)\.(gate|up)_proj\.(weight|bias|weight_scale_inv)$"),
+        re.compile(rf"^(.*\.mlp)\.(gate|up)_proj\.(weight|bias|{_QUANT_PARAMS})$"),
         r"\1.gate_up_proj.\3",
         lambda m: 0 if m[2] == "gate" else 1,
     ),

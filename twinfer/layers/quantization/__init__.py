@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twinfer.layers.quantization.base import LinearMethod, QuantizationConfig
+from twinfer.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from twinfer.layers.quantization.fp8 import Fp8Config
 from twinfer.layers.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod
 
@@ -18,7 +19,10 @@ __all__ = [
     "get_quantization_config",
 ]
 
-_METHODS: dict[str, type[QuantizationConfig]] = {"fp8": Fp8Config}
+_METHODS: dict[str, type[QuantizationConfig]] = {
+    "compressed-tensors": CompressedTensorsConfig,
+    "fp8": Fp8Config,
+}
 
 
 def get_quantization_config(hf_quant_config: Any) -> QuantizationConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from twinfer.layers.linear import LinearBase
@@ -48,3 +48,20 @@ class QuantizationConfig:
     def describe(self) -> str:
         """One line for the start-up log."""
         return self.name
+
+
+# Checkpoint projections a fused twinfer layer is made of (ignore lists and groups name those).
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_names(prefix: str) -> list[str]:
+    """The checkpoint names of layer `prefix`: its projections when it fuses several."""
+    head, _, leaf = prefix.rpartition(".")
+    return [f"{head}.{part}" for part in _FUSED.get(leaf, ())] or [prefix]
+
+
+def quant_param(data: Tensor, layer: LinearBase) -> nn.Parameter:
+    """A format's parameter, filled by the layer's (sharding) weight loader."""
+    param = nn.Parameter(data, requires_grad=False)
+    param.weight_loader = layer.weight_loader
+    return param

@@ -13,9 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from twinfer.layers.quantization.base import LinearMethod, QuantizationConfig
+from twinfer.layers.quantization.base import (
+    LinearMethod,
+    QuantizationConfig,
+    fused_names,
+    quant_param,
+)
 from twinfer.layers.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
@@ -68,15 +73,10 @@ class Fp8Config(QuantizationConfig):
         return f"fp8 (e4m3, blocks of {self.block[0]}x{self.block[1]}, dynamic activations)"
 
 
-# Checkpoint projections a fused twinfer layer is made of (an ignore list names those).
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
 def is_ignored(prefix: str, ignored: list[str]) -> bool:
     """Whether the layer `prefix` stays unquantized; a fused layer needs all or none of its
     checkpoint projections listed."""
-    head, _, leaf = prefix.rpartition(".")
-    names = [f"{head}.{part}" for part in _FUSED.get(leaf, ())] or [prefix]
+    names = fused_names(prefix)
     hits = [any(_matches(name, entry) for entry in ignored) for name in names]
     if any(hits) and not all(hits):
         raise ValueError(
@@ -103,8 +103,8 @@ class Fp8BlockLinearMethod(LinearMethod):
     def create_weights(self, layer: LinearBase) -> None:
         n, k = layer.output_size_local, layer.input_size_local
         bn, bk = self.block
-        layer.weight = _param(torch.empty(n, k, dtype=FP8_DTYPE), layer)
-        scale = _param(torch.empty(-(-n // bn), -(-k // bk), dtype=torch.float32), layer)
+        layer.weight = quant_param(torch.empty(n, k, dtype=FP8_DTYPE), layer)
+        scale = quant_param(torch.empty(-(-n // bn), -(-k // bk), dtype=torch.float32), layer)
         scale.block_size = self.block  # the layer's loaders slice it in blocks
         layer.weight_scale_inv = scale
 
@@ -120,9 +120,3 @@ def dequantize_blocks(
     n, k = weight.shape
     s = scale.repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
     return (weight.to(torch.float32) * s).to(dtype)
-
-
-def _param(data: Tensor, layer: LinearBase) -> nn.Parameter:
-    param = nn.Parameter(data, requires_grad=False)
-    param.weight_loader = layer.weight_loader
-    return param

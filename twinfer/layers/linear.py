@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from twinfer.layers.params import check_shape, default_weight_loader, new_param
+from twinfer.layers.params import check_shape, default_weight_loader, in_param_units, new_param
 from twinfer.layers.quantization import LinearMethod, UnquantizedLinearMethod
 from twinfer.layers.quantization.cpu_kernels import pack_int4
 from twinfer.parallel import ParallelConfig
@@ -36,24 +36,6 @@ def tp_all_gather(x: Tensor, parallel: ParallelConfig) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(parallel.tp_size)]
     torch.distributed.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
-
-
-def in_param_units(
-    param: Tensor, dim: int, full: int, start: int, n: int, prefix: str
-) -> tuple[int, int, int]:
-    """(full, start, n) along `dim` in `param`'s units: weight elements, or blocks for a block
-    scale (`param.block_size`), whose slices must start on a block and end on one or at `full`."""
-    block = getattr(param, "block_size", None)
-    if block is None:
-        return full, start, n
-    b = block[dim]
-    if start % b or (n % b and start + n != full):
-        raise ValueError(
-            f"{prefix}: {'rows' if dim == 0 else 'columns'} {start}..{start + n} of {full} do "
-            f"not fall on the checkpoint's scale blocks of {b}; twinfer cannot split or fuse this "
-            "quantized layer there."
-        )
-    return -(-full // b), start // b, -(-n // b)
 
 
 class LinearBase(nn.Module):

@@ -39,3 +39,23 @@ def default_weight_loader(param: Tensor, loaded_weight: Tensor, shard_id: object
     """Copy a replicated tensor as a whole (casting to the parameter's dtype)."""
     check_shape(loaded_weight, param.shape)
     param.data.copy_(loaded_weight)
+
+
+def in_param_units(
+    param: Tensor, dim: int, full: int, start: int, n: int, prefix: str
+) -> tuple[int, int, int]:
+    """(full, start, n) along `dim` of a weight matrix in `param`'s units: elements, or the
+    blocks of a format's parameter (`param.block_size`: elements per row and column of it, e.g. a
+    scale block, a packed int32 word, a quantization group). Slices start on a block and end on
+    one or at `full`."""
+    block = getattr(param, "block_size", None)
+    if block is None:
+        return full, start, n
+    b = block[dim]
+    if start % b or (n % b and start + n != full):
+        raise ValueError(
+            f"{prefix}: {'rows' if dim == 0 else 'columns'} {start}..{start + n} of {full} do "
+            f"not fall on the checkpoint's blocks of {b} (scales, packed words or groups); twinfer "
+            "cannot split or fuse this quantized layer there."
+        )
+    return -(-full // b), start // b, -(-n // b)

@@ -158,12 +158,6 @@ def model_info(config: EngineConfig) -> ModelInfo:
     if source.kind == "hf":
         info.quant_config = get_quantization_config(getattr(hf_config, "quantization_config", None))
     info.moe_plan = plan_moe(config, info, get_model_class(list(hf_config.architectures)))
-    if info.moe_plan is not None and not isinstance(info.quant_config, UnquantizedConfig):
-        raise ValueError(
-            f"this checkpoint's routed experts are stored as {info.quant_config.describe()}, "
-            "which twinfer's MoE layers do not load yet (only its dense layers can); use an "
-            "unquantized (bf16) checkpoint of this model for now."
-        )
     return info
 
 

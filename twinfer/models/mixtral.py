@@ -23,6 +23,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
             renormalize=True,
             parallel=self.parallel,
             prefix=prefix,
+            quant_method=self.quant_config.moe_method(prefix),
             # HF Mixtral multiplies by the float32 top-k weights, then casts the product.
             cast_routing_weights=False,
         )

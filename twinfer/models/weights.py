@@ -36,13 +36,15 @@ _RULES: list[tuple[re.Pattern[str], str, Callable[[re.Match[str]], object]]] = [
         lambda m: 0 if m[2] == "gate" else 1,
     ),
     (
-        re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|w1|w3)\.weight$"),
-        r"\1.w13_weight",
+        re.compile(
+            rf"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|w1|w3)\.(weight|{_QUANT_PARAMS})$"
+        ),
+        r"\1.w13_\4",
         lambda m: (int(m[2]), _EXPERT_SHARD[m[3]]),
     ),
     (
-        re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(down_proj|w2)\.weight$"),
-        r"\1.w2_weight",
+        re.compile(rf"^(.*\.mlp)\.experts\.(\d+)\.(down_proj|w2)\.(weight|{_QUANT_PARAMS})$"),
+        r"\1.w2_\4",
         lambda m: (int(m[2]), "w2"),
     ),
     # transformers 5 in-memory layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]

@@ -17,11 +17,12 @@ from twinfer.layers.cuda_ops import cuda_moe_ops
 from twinfer.layers.linear import ReplicatedLinear, tp_all_reduce
 from twinfer.layers.moe.backends import get_expert_backend
 from twinfer.layers.moe.placement import ExpertPlacement
-from twinfer.layers.params import check_shape, new_param
+from twinfer.layers.params import check_shape, in_param_units, new_param
 from twinfer.parallel import ParallelConfig
 
 if TYPE_CHECKING:
     from twinfer.hybrid.cpu_experts import HostExperts
+    from twinfer.layers.quantization import MoEMethod
 
 SCORING_FUNCTIONS = ("softmax",)
 
@@ -57,6 +58,7 @@ class MoELayer(nn.Module):
         cast_routing_weights: bool = True,
         placement: ExpertPlacement | None = None,
         backend: str = "torch",
+        quant_method: MoEMethod | None = None,
     ) -> None:
         super().__init__()
         if scoring not in SCORING_FUNCTIONS:
@@ -78,6 +80,8 @@ class MoELayer(nn.Module):
         self.renormalize = renormalize
         self.scoring = scoring
         self.cast_routing_weights = cast_routing_weights
+        self.dtype = torch.get_default_dtype()  # the model dtype the experts compute in
+        self.quant_method = quant_method  # the checkpoint's expert format; None: plain
 
         self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, prefix=f"{prefix}.gate")
         plan = current_moe_plan()
@@ -95,12 +99,17 @@ class MoELayer(nn.Module):
             )
         # Host experts never touch the device: they are built (and loaded) in host memory.
         with torch.device("cpu") if on_host else contextlib.nullcontext():
-            self.w13_weight = new_param(num_experts, 2 * i_local, hidden_size)
-            self.w2_weight = new_param(num_experts, hidden_size, i_local)
+            if quant_method is not None:
+                quant_method.create_weights(self)
+            else:
+                self.w13_weight = new_param(num_experts, 2 * i_local, hidden_size)
+                self.w2_weight = new_param(num_experts, hidden_size, i_local)
         experts = range(num_experts)
-        self.w13_weight.shard_ids = frozenset((e, w) for e in experts for w in ("w1", "w3"))
-        self.w2_weight.shard_ids = frozenset((e, "w2") for e in experts)
-        for p in (self.w13_weight, self.w2_weight):
+        for name, p in self.named_parameters(recurse=False):
+            if name.startswith("w13_"):
+                p.shard_ids = frozenset((e, w) for e in experts for w in ("w1", "w3"))
+            else:
+                p.shard_ids = frozenset((e, "w2") for e in experts)
             p.weight_loader = self.weight_loader
 
         self.placement = placement or ExpertPlacement.uniform(num_experts)
@@ -117,7 +126,15 @@ class MoELayer(nn.Module):
         return bool(self.placement.experts_at("host"))
 
     def process_weights_after_loading(self) -> None:
-        """Host experts: pack them once for the CPU expert engine, then free the torch copy."""
+        """Experts in a checkpoint format: expanded to the model dtype (see MoEMethod). Host
+        experts: packed once for the CPU expert engine, then the torch copy freed."""
+        if self.quant_method is not None:
+            w13, w2 = self.quant_method.dequantize(self, self.dtype)
+            for name in self.quant_method.param_names():
+                setattr(self, name, None)
+            self.w13_weight = nn.Parameter(w13, requires_grad=False)
+            self.w2_weight = nn.Parameter(w2, requires_grad=False)
+            self.quant_method = None
         plan = current_moe_plan()
         if not self.on_host or self.host_experts is not None or plan is None:
             return
@@ -135,6 +152,8 @@ class MoELayer(nn.Module):
         self.backend = get_expert_backend(name)
 
     def weight_loader(self, param: Tensor, loaded_weight: Tensor, shard_id: object) -> None:
+        """Rows and columns count an expert matrix's elements; a format's parameter (block
+        scales, packed words, groups) converts them to its own units (`in_param_units`)."""
         if not (isinstance(shard_id, tuple) and len(shard_id) == 2):
             raise ValueError(f"MoE shard_id must be (expert, 'w1'|'w3'|'w2'|'w13'): {shard_id!r}")
         expert, which = shard_id
@@ -145,20 +164,33 @@ class MoELayer(nn.Module):
                 f"the checkpoint has expert {expert} but config.json says there are {e} experts; "
                 "the checkpoint does not match config.json."
             )
-        if expert is None and which == "w13":  # [E, 2I, H]: gate rows, then up rows
-            check_shape(loaded_weight, (e, 2 * i, h))
-            param.data[:, :n].copy_(loaded_weight[:, lo : lo + n])
-            param.data[:, n:].copy_(loaded_weight[:, i + lo : i + lo + n])
-        elif expert is None and which == "w2":  # [E, H, I]
-            check_shape(loaded_weight, (e, h, i))
-            param.data.copy_(loaded_weight[:, :, lo : lo + n])
-        elif which in ("w1", "w3"):  # one expert's gate or up: [I, H]
-            check_shape(loaded_weight, (i, h))
-            dst = 0 if which == "w1" else n
-            param.data[expert, dst : dst + n].copy_(loaded_weight[lo : lo + n])
-        elif which == "w2":  # one expert's down: [H, I]
-            check_shape(loaded_weight, (h, i))
-            param.data[expert].copy_(loaded_weight[:, lo : lo + n])
+
+        def units(dim: int, full: int, start: int = 0, count: int | None = None):
+            count = full if count is None else count
+            return in_param_units(param, dim, full, start, count, self.prefix)
+
+        if which in ("w1", "w3", "w13"):  # rows of I (gate, then up), columns of H
+            i_units, lo, n = units(0, i, lo, n)
+            h_units = units(1, h)[0]
+            if expert is None and which == "w13":  # [E, 2I, H]: gate rows, then up rows
+                check_shape(loaded_weight, (e, 2 * i_units, h_units))
+                param.data[:, :n].copy_(loaded_weight[:, lo : lo + n])
+                param.data[:, n:].copy_(loaded_weight[:, i_units + lo : i_units + lo + n])
+            elif expert is not None and which != "w13":  # one expert's gate or up: [I, H]
+                check_shape(loaded_weight, (i_units, h_units))
+                dst = 0 if which == "w1" else n
+                param.data[expert, dst : dst + n].copy_(loaded_weight[lo : lo + n])
+            else:
+                raise ValueError(f"MoE shard_id (expert, 'w13') needs no expert: {shard_id!r}")
+        elif which == "w2":  # rows of H, columns of I
+            h_units = units(0, h)[0]
+            i_units, lo, n = units(1, i, lo, n)
+            if expert is None:  # [E, H, I]
+                check_shape(loaded_weight, (e, h_units, i_units))
+                param.data.copy_(loaded_weight[:, :, lo : lo + n])
+            else:  # one expert's down: [H, I]
+                check_shape(loaded_weight, (h_units, i_units))
+                param.data[expert].copy_(loaded_weight[:, lo : lo + n])
         else:
             raise ValueError(f"MoE shard_id must be (expert, 'w1'|'w3'|'w2'|'w13'): {shard_id!r}")
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from twinfer.layers.quantization.base import LinearMethod, QuantizationConfig
+from twinfer.layers.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
 from twinfer.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from twinfer.layers.quantization.fp8 import Fp8Config
 from twinfer.layers.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod
 
 __all__ = [
     "LinearMethod",
+    "MoEMethod",
     "QuantizationConfig",
     "UnquantizedConfig",
     "UnquantizedLinearMethod",

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from twinfer.layers.linear import LinearBase
+    from twinfer.layers.moe.layer import MoELayer
 
 
 class LinearMethod:
@@ -31,6 +33,30 @@ class LinearMethod:
         raise NotImplementedError
 
 
+class MoEMethod:
+    """How an MoE layer's routed experts are stored in the checkpoint's format.
+
+    NOTE: for now the experts are expanded once at load, layer by layer, to the model dtype the
+    expert backends and the CPU engine's packer read (`dequantize`); a host layer is then packed
+    in the engine's format (--moe-cpu-dtype) and its expanded copy freed, so the whole model is
+    never held expanded in host RAM. Kernels that read the formats directly come next.
+    """
+
+    def create_weights(self, layer: MoELayer) -> None:
+        """Register `w13_*` [E, 2I, H] and `w2_*` [E, H, I] parameters in this format; each
+        carries `block_size` (elements per row and column of one expert's matrix) unless it is
+        one element per weight."""
+        raise NotImplementedError
+
+    def dequantize(self, layer: MoELayer, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(w13 [E, 2I, H], w2 [E, H, I]) in `dtype`, from the loaded parameters."""
+        raise NotImplementedError
+
+    def param_names(self) -> tuple[str, ...]:
+        """The parameters `create_weights` registers (freed after `dequantize`)."""
+        raise NotImplementedError
+
+
 class QuantizationConfig:
     """A checkpoint's `quantization_config` (or `--quantization`): which method each layer gets."""
 
@@ -44,6 +70,10 @@ class QuantizationConfig:
         """The method of the linear layer named `prefix` (e.g. model.layers.0.self_attn.qkv_proj);
         layers the checkpoint leaves unquantized get the plain one."""
         raise NotImplementedError
+
+    def moe_method(self, prefix: str) -> MoEMethod | None:
+        """The format of the MoE layer `prefix`'s routed experts; None when they are plain."""
+        return None
 
     def describe(self) -> str:
         """One line for the start-up log."""

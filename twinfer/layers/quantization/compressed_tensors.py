@@ -21,6 +21,7 @@ from torch import Tensor
 
 from twinfer.layers.quantization.base import (
     LinearMethod,
+    MoEMethod,
     QuantizationConfig,
     fused_names,
     quant_param,
@@ -30,6 +31,7 @@ from twinfer.layers.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
     from twinfer.layers.linear import LinearBase
+    from twinfer.layers.moe.layer import MoELayer
 
 _FORMATS = ("pack-quantized",)
 
@@ -78,6 +80,11 @@ class CompressedTensorsConfig(QuantizationConfig):
             )
         scheme = schemes.pop()
         return UnquantizedLinearMethod() if scheme is None else PackedIntLinearMethod(scheme)
+
+    def moe_method(self, prefix: str) -> MoEMethod | None:
+        # The checkpoints store per-expert Linear modules: expert 0's gate stands for them all.
+        scheme = self._scheme_of(f"{prefix}.experts.0.gate_proj")
+        return None if scheme is None else PackedIntMoEMethod(scheme)
 
     def _scheme_of(self, name: str) -> IntWeightScheme | None:
         if any(_matches(name, entry) for entry in self.ignore):
@@ -183,23 +190,92 @@ class PackedIntLinearMethod(LinearMethod):
 
     def integers(self, layer: LinearBase) -> tuple[Tensor, Tensor]:
         """(q [N, K], zero points [N, K/g]) as signed ints (int8), unpacked."""
-        n, k, bits = layer.output_size_local, layer.input_size_local, self.scheme.num_bits
-        q = unpack_int32(layer.weight_packed, bits, k)
-        if self.scheme.symmetric:
-            zero_point = torch.zeros_like(layer.weight_scale, dtype=torch.int8)
-        else:
-            zero_point = unpack_int32(layer.weight_zero_point.t(), bits, n).t()
-        return q, zero_point
+        zero_point = getattr(layer, "weight_zero_point", None)
+        return unpack_weights(
+            self.scheme, layer.weight_packed, layer.weight_scale, zero_point, layer.input_size_local
+        )
 
     def apply(self, layer: LinearBase, x: Tensor, bias: Tensor | None) -> Tensor:
         if layer.int4_weight is not None:
             return int4_linear(x, layer.int4_weight, bias)
         q, zero_point = self.integers(layer)
-        group = self.scheme.group_size or q.shape[1]
-        w = (q.float() - zero_point.repeat_interleave(group, 1).float()) * (
-            layer.weight_scale.repeat_interleave(group, 1)
-        )
-        return F.linear(x, w.to(x.dtype), bias)
+        return F.linear(x, dequantize_ints(q, zero_point, layer.weight_scale, x.dtype), bias)
+
+
+class PackedIntMoEMethod(MoEMethod):
+    """Routed experts as packed integers: `w13_weight_packed` [E, 2I, H/pw], `w2_weight_packed`
+    [E, H, I/pw] (pw = 32/b values a word), their group scales, and (asymmetric) zero points
+    packed along the rows; w13's rows are the gate's, then the up projection's."""
+
+    def __init__(self, scheme: IntWeightScheme) -> None:
+        self.scheme = scheme
+
+    def param_names(self) -> tuple[str, ...]:
+        names = ("weight_packed", "weight_scale")
+        if not self.scheme.symmetric:
+            names += ("weight_zero_point",)
+        return tuple(f"{w}_{name}" for w in ("w13", "w2") for name in names)
+
+    def create_weights(self, layer: MoELayer) -> None:
+        e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size_local
+        pw = 32 // self.scheme.num_bits
+        for w, rows, cols, halves in (("w13", i, h, 2), ("w2", h, i, 1)):
+            group = self.scheme.group_size or cols
+            if cols % group:
+                raise ValueError(
+                    f"{layer.prefix}: expert {w} input size {cols} is not a multiple of the "
+                    f"checkpoint's group size {group}."
+                )
+            shapes = {
+                "weight_packed": ((halves * rows, -(-cols // pw)), (1, pw), torch.int32),
+                "weight_scale": ((halves * rows, cols // group), (1, group), torch.float32),
+            }
+            if not self.scheme.symmetric:
+                zp_rows = halves * -(-rows // pw)
+                shapes["weight_zero_point"] = ((zp_rows, cols // group), (pw, group), torch.int32)
+            for name, (shape, block, dtype) in shapes.items():
+                param = quant_param(torch.empty(e, *shape, dtype=dtype), layer)
+                param.block_size = block
+                setattr(layer, f"{w}_{name}", param)
+
+    def dequantize(self, layer: MoELayer, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size_local
+        device = layer.w13_weight_packed.device
+        w13 = torch.empty(e, 2 * i, h, dtype=dtype, device=device)
+        w2 = torch.empty(e, h, i, dtype=dtype, device=device)
+        zp13 = getattr(layer, "w13_weight_zero_point", None)
+        zp2 = getattr(layer, "w2_weight_zero_point", None)
+        for x in range(e):  # one expert at a time: a small temporary
+            for half in range(2):
+                rows = slice(half * i, (half + 1) * i)
+                zp = None
+                if zp13 is not None:
+                    zp_rows = zp13.shape[1] // 2
+                    zp = zp13[x, half * zp_rows : (half + 1) * zp_rows]
+                packed, scale = layer.w13_weight_packed[x, rows], layer.w13_weight_scale[x, rows]
+                q, zero = unpack_weights(self.scheme, packed, scale, zp, h)
+                w13[x, rows] = dequantize_ints(q, zero, scale, dtype)
+            packed, scale = layer.w2_weight_packed[x], layer.w2_weight_scale[x]
+            q, zero = unpack_weights(self.scheme, packed, scale, None if zp2 is None else zp2[x], i)
+            w2[x] = dequantize_ints(q, zero, scale, dtype)
+        return w13, w2
+
+
+def unpack_weights(
+    scheme: IntWeightScheme, packed: Tensor, scale: Tensor, zero_point: Tensor | None, cols: int
+) -> tuple[Tensor, Tensor]:
+    """One matrix's (q [N, K], zero points [N, K/g]) as signed int8, K = `cols`."""
+    q = unpack_int32(packed, scheme.num_bits, cols)
+    if zero_point is None:
+        return q, torch.zeros_like(scale, dtype=torch.int8)
+    return q, unpack_int32(zero_point.t(), scheme.num_bits, scale.shape[0]).t()
+
+
+def dequantize_ints(q: Tensor, zero_point: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """W [N, K] = (q - zero point) * scale, each [N, K/g] value for its group of g columns."""
+    group = q.shape[1] // scale.shape[1]
+    zero = zero_point.repeat_interleave(group, 1).float()
+    return ((q.float() - zero) * scale.repeat_interleave(group, 1)).to(dtype)
 
 
 def unpack_int32(packed: Tensor, bits: int, count: int) -> Tensor:

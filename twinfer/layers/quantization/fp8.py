@@ -17,6 +17,7 @@ from torch import Tensor
 
 from twinfer.layers.quantization.base import (
     LinearMethod,
+    MoEMethod,
     QuantizationConfig,
     fused_names,
     quant_param,
@@ -25,6 +26,7 @@ from twinfer.layers.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
     from twinfer.layers.linear import LinearBase
+    from twinfer.layers.moe.layer import MoELayer
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -68,6 +70,11 @@ class Fp8Config(QuantizationConfig):
         if is_ignored(prefix, self.ignored):
             return UnquantizedLinearMethod()
         return Fp8BlockLinearMethod(self.block)
+
+    def moe_method(self, prefix: str) -> MoEMethod | None:
+        return (
+            None if is_ignored(f"{prefix}.experts", self.ignored) else Fp8BlockMoEMethod(self.block)
+        )
 
     def describe(self) -> str:
         return f"fp8 (e4m3, blocks of {self.block[0]}x{self.block[1]}, dynamic activations)"
@@ -120,3 +127,40 @@ def dequantize_blocks(
     n, k = weight.shape
     s = scale.repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
     return (weight.to(torch.float32) * s).to(dtype)
+
+
+class Fp8BlockMoEMethod(MoEMethod):
+    """Routed experts as published: w13 [E, 2I, H] and w2 [E, H, I] in FP8 with block scales;
+    w13's scale rows hold the gate's blocks, then the up projection's."""
+
+    def __init__(self, block: tuple[int, int]) -> None:
+        self.block = block
+
+    def param_names(self) -> tuple[str, ...]:
+        return ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv")
+
+    def create_weights(self, layer: MoELayer) -> None:
+        e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size_local
+        bn, bk = self.block
+        layer.w13_weight = quant_param(torch.empty(e, 2 * i, h, dtype=FP8_DTYPE), layer)
+        layer.w2_weight = quant_param(torch.empty(e, h, i, dtype=FP8_DTYPE), layer)
+        w13_scale = torch.empty(e, 2 * -(-i // bn), -(-h // bk), dtype=torch.float32)
+        w2_scale = torch.empty(e, -(-h // bn), -(-i // bk), dtype=torch.float32)
+        layer.w13_weight_scale_inv = quant_param(w13_scale, layer)
+        layer.w2_weight_scale_inv = quant_param(w2_scale, layer)
+        for scale in (layer.w13_weight_scale_inv, layer.w2_weight_scale_inv):
+            scale.block_size = self.block
+
+    def dequantize(self, layer: MoELayer, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        i = layer.intermediate_size_local
+        w13 = torch.empty(layer.w13_weight.shape, dtype=dtype, device=layer.w13_weight.device)
+        w2 = torch.empty(layer.w2_weight.shape, dtype=dtype, device=layer.w2_weight.device)
+        half = layer.w13_weight_scale_inv.shape[1] // 2
+        for e in range(layer.num_experts):  # one expert at a time: a small temporary
+            weight, scale = layer.w13_weight[e], layer.w13_weight_scale_inv[e]
+            w13[e, :i] = dequantize_blocks(weight[:i], scale[:half], self.block, dtype)
+            w13[e, i:] = dequantize_blocks(weight[i:], scale[half:], self.block, dtype)
+            w2[e] = dequantize_blocks(
+                layer.w2_weight[e], layer.w2_weight_scale_inv[e], self.block, dtype
+            )
+        return w13, w2

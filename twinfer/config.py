@@ -26,6 +26,14 @@ _CUDAGRAPH_MODES = ("none", "full_decode_only")
 _KERNEL_BACKENDS = ("auto", "torch", "triton")
 _MOE_BACKENDS = (*_KERNEL_BACKENDS, "native")
 _LOAD_FORMATS = ("auto", "dummy")
+# vLLM's names; "fp8" is e4m3. NOTE: stored with scale 1.0 (vLLM's default without checkpoint
+# scales); torch's cast saturates at e4m3's +-448 instead of overflowing.
+_KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
 MOE_CPU_DTYPES = ("keep", "bf16", "int8", "int4")
 _INT4_GROUP_SIZES = (32, 64, 128)
 _THREAD_BINDINGS = ("core", "numa")
@@ -126,6 +134,13 @@ class EngineConfig:
             "help": "Bytes for the KV cache (default: on a GPU, what --gpu-memory-utilization "
             "leaves; on the CPU, enough for max_num_seqs sequences of max_model_len, at most "
             "1 GiB)."
+        },
+    )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (the model dtype) | fp8 (= fp8_e4m3) | fp8_e5m2: one byte a value, twice "
+            "the tokens of bf16 in the same memory (CPU attention for now)."
         },
     )
     num_gpu_blocks_override: int | None = field(
@@ -259,6 +274,11 @@ class EngineConfig:
             )
         if self.device not in _DEVICES:
             raise ValueError(f"device {self.device!r} is unknown; choose one of {_DEVICES}.")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is unknown; choose one of "
+                f"{', '.join(_KV_CACHE_DTYPES)}."
+            )
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(
                 f"load_format {self.load_format!r} is unknown; choose one of "
@@ -394,6 +414,21 @@ class EngineConfig:
             )
         return name
 
+    def resolved_kv_cache_dtype(
+        self, model_dtype: torch.dtype, attention_backend: str
+    ) -> torch.dtype:
+        """The KV cache's element type; fp8 needs an attention backend that reads it."""
+        dtype = _KV_CACHE_DTYPES[self.kv_cache_dtype]
+        if dtype is None:
+            return model_dtype
+        if attention_backend != "torch":
+            raise ValueError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} is read by the torch attention backend "
+                f"only for now, not by {attention_backend}; add --attention-backend torch (no "
+                "CUDA graphs on a GPU) or keep --kv-cache-dtype auto."
+            )
+        return dtype
+
     def use_cuda_graphs(self, device: torch.device) -> bool:
         """Decode steps replay CUDA graphs unless eager is forced (needs graph-safe kernels)."""
         return (
@@ -428,6 +463,7 @@ class EngineConfig:
                 "moe_cpu_dtype": list(MOE_CPU_DTYPES),
                 "moe_thread_binding": list(_THREAD_BINDINGS),
                 "load_format": list(_LOAD_FORMATS),
+                "kv_cache_dtype": list(_KV_CACHE_DTYPES),
             },
             types={"compilation_config": CompilationConfig.from_value},
         )

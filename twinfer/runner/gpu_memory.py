@@ -91,7 +91,7 @@ def profile_activation_peak(runner, num_tokens: int, num_seqs: int) -> int:
     base = torch.cuda.memory_allocated()
     scratch_blocks = sum(blocks_per)
     for layer in layers:
-        spec = layer.kv_cache_spec(runner.info.dtype)
+        spec = layer.kv_cache_spec(runner.kv_cache_dtype)
         shape = runner.attn_backend.kv_cache_shape(spec, scratch_blocks, bs)
         layer.kv_cache = torch.zeros(shape, dtype=spec.dtype, device=device)
     try:
@@ -130,7 +130,7 @@ def profile_activation_peak(runner, num_tokens: int, num_seqs: int) -> int:
         for layer, cache in zip(layers, saved, strict=True):
             layer.kv_cache = cache
     # The scratch cache is not an activation: it is what the real cache will hold.
-    per_token = sum(layer.kv_cache_spec(runner.info.dtype).bytes_per_token for layer in layers)
+    per_token = sum(layer.kv_cache_spec(runner.kv_cache_dtype).bytes_per_token for layer in layers)
     scratch = scratch_blocks * bs * per_token
     torch.cuda.empty_cache()
     return max(0, peak - scratch)

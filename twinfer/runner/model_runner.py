@@ -81,9 +81,9 @@ class ModelRunner:
         self.model = model if model is not None else load_model(info)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         # NOTE: the runner picks the kernels for its device; model files never name a backend.
-        self.attn_backend = get_attn_backend(
-            config.resolved_backend("attention_backend", self.device)
-        )
+        attn_backend = config.resolved_backend("attention_backend", self.device)
+        self.attn_backend = get_attn_backend(attn_backend)
+        self.kv_cache_dtype = config.resolved_kv_cache_dtype(info.dtype, attn_backend)
         for layer in self.attn_layers:
             layer.backend = self.attn_backend
         moe_backend = config.resolved_backend("moe_backend", self.device)
@@ -184,7 +184,7 @@ class ModelRunner:
 
     # ---- KV cache ----
     def kv_bytes_per_token(self) -> int:
-        dtype = self.info.dtype
+        dtype = self.kv_cache_dtype
         return sum(layer.kv_cache_spec(dtype).bytes_per_token for layer in self.attn_layers)
 
     def initialize_kv_cache(self) -> int:
@@ -216,7 +216,7 @@ class ModelRunner:
                 f"at most {capacity}, or {fix}."
             )
         for layer in self.attn_layers:
-            spec = layer.kv_cache_spec(self.info.dtype)
+            spec = layer.kv_cache_spec(self.kv_cache_dtype)
             shape = self.attn_backend.kv_cache_shape(spec, num_blocks, self.block_size)
             # zeros, not empty: padded gathers must never read NaN garbage.
             layer.kv_cache = torch.zeros(shape, dtype=spec.dtype, device=self.device)
@@ -233,12 +233,13 @@ class ModelRunner:
             )
             self.graphs.capture()
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB), max concurrency %.1f at "
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s), max concurrency %.1f at "
             "max_model_len %d",
             num_blocks,
             self.block_size,
             capacity,
             num_blocks * per_block / 2**30,
+            str(self.kv_cache_dtype).removeprefix("torch."),
             capacity / self.info.max_model_len,
             self.info.max_model_len,
         )

@@ -83,14 +83,14 @@ class TorchAttentionBackend(AttentionBackend):
         # [2, B, block_size, Hkv, D] -> two flat [B * block_size, Hkv, D] views.
         k_cache = kv_cache[0].view(-1, hkv, d)
         v_cache = kv_cache[1].view(-1, hkv, d)
-        k_cache.index_copy_(0, metadata.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, metadata.slot_mapping, v.to(v_cache.dtype))
+        _store(k_cache, metadata.slot_mapping, k)
+        _store(v_cache, metadata.slot_mapping, v)
 
         out = torch.empty_like(q)
         for seq in metadata.seqs:
             qs = q[seq.token_start : seq.token_end].transpose(0, 1)  # [Hq, Tq, D]
-            ks = k_cache[seq.slots].transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
-            vs = v_cache[seq.slots].transpose(0, 1).to(q.dtype)
+            ks = _gather(k_cache, seq.slots, q.dtype).transpose(0, 1)  # [Hkv, L, D]
+            vs = _gather(v_cache, seq.slots, q.dtype).transpose(0, 1)
             o = F.scaled_dot_product_attention(
                 qs,
                 ks,
@@ -102,3 +102,21 @@ class TorchAttentionBackend(AttentionBackend):
             )
             out[seq.token_start : seq.token_end] = o.transpose(0, 1)
         return out
+
+
+# NOTE: an fp8 cache (--kv-cache-dtype) is moved as its bytes: torch's CPU index_copy_ and
+# gathers have no float8 kernels, and a byte view copies the same values.
+def _store(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """cache[slots] = x in the cache's dtype. cache [S, Hkv, D], x [T, Hkv, D], slots [T]."""
+    if cache.element_size() == 1 and cache.dtype.is_floating_point:
+        cache.view(torch.uint8).index_copy_(0, slots, x.to(cache.dtype).view(torch.uint8))
+    else:
+        cache.index_copy_(0, slots, x.to(cache.dtype))
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache[slots] in `dtype`: [L, Hkv, D]."""
+    if cache.element_size() == 1 and cache.dtype.is_floating_point:
+        return cache.view(torch.uint8)[slots].view(cache.dtype).to(dtype)
+    return cache[slots].to(dtype)
+

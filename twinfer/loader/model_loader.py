@@ -127,6 +127,8 @@ def model_info(config: EngineConfig) -> ModelInfo:
     get_model_class(list(getattr(hf_config, "architectures", None) or []))
     device = config.resolved_device()
     dtype = resolve_dtype(config, hf_config, source, device)
+    # Fails before any weight is read: e.g. an fp8 KV cache with an attention backend that cannot.
+    config.resolved_kv_cache_dtype(dtype, config.resolved_backend("attention_backend", device))
     limit = getattr(hf_config, "max_position_embeddings", None)
     max_model_len = config.max_model_len or limit or 2048
     if limit is not None and max_model_len > limit:

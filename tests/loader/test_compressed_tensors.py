@@ -17,6 +17,7 @@ from tests.entrypoints.test_hf_parity import check_logprobs_close
 from twinfer import LLM, SamplingParams
 from twinfer.layers.linear import LinearBase
 from twinfer.layers.quantization.compressed_tensors import PackedIntLinearMethod
+from twinfer.layers.quantization.compressed_tensors import PackedIntMoEMethod as PackedIntMoE
 
 NUM_TOKENS = 24
 PROMPTS = ["The quick brown fox jumps over the lazy dog because", "def f(x):\n    return"]
@@ -217,3 +218,62 @@ def test_bad_ct_configs_name_the_problem(tmp_path, change, message) -> None:
     config["config_groups"] = {"group_0": group | change}
     with pytest.raises(ValueError, match=re.escape(message)):
         get_quantization_config(config)
+
+
+def test_dummy_weights_fill_packed_integers(ct_dir: Path) -> None:
+    """--load-format dummy (benchmarks of a shape) fills int32 packed words too."""
+    llm = LLM(str(ct_dir), dtype="float32", max_model_len=64, load_format="dummy")
+    out = llm.generate("hi", SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
+def test_int4_kernel_needs_rows_in_16s_else_the_reference_path() -> None:
+    """torch's CPU int4 kernel packs rows by 16: a 24-row layer computes by dequantizing."""
+    from twinfer.layers.linear import ReplicatedLinear
+    from twinfer.layers.quantization.compressed_tensors import IntWeightScheme
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        method = PackedIntLinearMethod(IntWeightScheme(4, 32, True))
+        layer = ReplicatedLinear(64, 24, prefix="odd", quant_method=method)
+    finally:
+        torch.set_default_dtype(previous)
+    layer.weight_packed.data.copy_(torch.randint(-(2**31), 2**31 - 1, (24, 8)))
+    layer.weight_scale.data.copy_(torch.rand(24, 2) / 10)
+    layer.process_weights_after_loading()
+    assert layer.int4_weight is None
+    q, _ = method.integers(layer)
+    want = torch.nn.functional.linear(
+        torch.ones(1, 64), q.float() * layer.weight_scale.repeat_interleave(32, 1)
+    )
+    got = layer(torch.ones(1, 64, dtype=torch.bfloat16)).float()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_mixtral_experts_are_matched_by_their_checkpoint_names() -> None:
+    from twinfer.layers.quantization import get_quantization_config
+    from twinfer.layers.quantization.fp8 import Fp8BlockMoEMethod
+
+    weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32}
+    experts_only = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "g": {"targets": ["re:.*block_sparse_moe\\.experts\\..*"], "weights": weights}
+        },
+    }
+    config = get_quantization_config(experts_only)
+    assert isinstance(config.moe_method("model.layers.0.block_sparse_moe", "w1"), PackedIntMoE)
+    assert config.moe_method("model.layers.0.mlp") is None  # a name the targets do not cover
+    fp8 = get_quantization_config(
+        {
+            "quant_method": "fp8",
+            "fmt": "float8_e4m3fn",  # MiniMax-M2's spelling
+            "weight_block_size": [128, 128],
+            "modules_to_not_convert": ["model.layers.0.block_sparse_moe.experts"],
+        }
+    )
+    assert fp8.moe_method("model.layers.0.block_sparse_moe", "w1") is None
+    assert isinstance(fp8.moe_method("model.layers.1.block_sparse_moe", "w1"), Fp8BlockMoEMethod)

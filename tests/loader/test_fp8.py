@@ -155,6 +155,7 @@ def _edit_quant_config(src: Path, dst: Path, **changes) -> Path:
         ({"weight_block_size": None}, "one scale per tensor"),
         ({"weight_block_size": [96, 128]}, "weight_scale_inv has shape [2, 3] but the model"),
         ({"activation_scheme": "static"}, "activation_scheme 'static' is not supported"),
+        ({"fmt": "e5m2"}, "fmt 'e5m2': twinfer reads e4m3 FP8 weights"),
         (
             {"modules_to_not_convert": ["model.layers.0.self_attn.q_proj"]},
             "quantizes some of model.layers.0.self_attn.q_proj",

@@ -113,3 +113,14 @@ def test_sliding_window_beyond_the_window_is_refused(checkpoint_copy) -> None:
         LLM(str(checkpoint_copy), max_model_len=128)
     llm = LLM(str(checkpoint_copy), max_model_len=64, dtype="float32")
     assert llm.generate("Hello", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].text
+
+
+def test_generation_config_top_k_zero_means_off(checkpoint_copy) -> None:
+    """transformers and llama.cpp write top_k 0 for "off"; requests must not all fail on it."""
+    gen = json.loads((checkpoint_copy / "generation_config.json").read_text())
+    gen.update(top_k=0, temperature=0.7)
+    (checkpoint_copy / "generation_config.json").write_text(json.dumps(gen))
+    llm = LLM(str(checkpoint_copy), max_model_len=64, dtype="float32")
+    params = llm.get_default_sampling_params()
+    assert (params.top_k, params.temperature) == (-1, 0.7)
+    assert llm.generate("Hello", params, use_tqdm=False)[0].outputs[0].token_ids

@@ -89,6 +89,8 @@ def _weight_formats(model: torch.nn.Module) -> dict[str, int]:
 
 # Rounds decode_rate adds when a disturbed run hid the decode time.
 _MAX_EXTRA_ROUNDS = 8
+# The decode steps must be at least this share of the full run's time to be told from noise.
+_MIN_DECODE_SHARE = 0.05
 
 
 def decode_rate(run, num_prompts: int, output_len: int, repeats: int = 2) -> float:
@@ -106,10 +108,10 @@ def decode_rate(run, num_prompts: int, output_len: int, repeats: int = 2) -> flo
     first = min(run(1) for _ in range(repeats))
     full = min(run(output_len) for _ in range(repeats))
     for _ in range(_MAX_EXTRA_ROUNDS):
-        if full > first:
+        if full - first > _MIN_DECODE_SHARE * full:
             break
         first, full = min(first, run(1)), min(full, run(output_len))
-    if full <= first:
+    if full - first <= _MIN_DECODE_SHARE * full:
         raise ValueError(
             f"{output_len - 1} decode steps took no measurable time beyond the first token "
             f"({full:.4f} s vs {first:.4f} s): the machine is too noisy for this output length; "

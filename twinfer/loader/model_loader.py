@@ -144,6 +144,11 @@ def model_info(config: EngineConfig) -> ModelInfo:
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
     bos = gen.pop("bos_token_id", getattr(hf_config, "bos_token_id", None))
     defaults = {k: gen[k] for k in (*_SAMPLING_KEYS, "max_new_tokens") if gen.get(k) is not None}
+    for key, value in defaults.items():
+        if isinstance(value, float):  # GGUF stores float32: 0.2 reads 0.20000000298023224
+            defaults[key] = float(f"{value:.6g}")
+    if defaults.get("top_k", 1) <= 0:  # transformers and llama.cpp mean "off"; twinfer says -1
+        defaults["top_k"] = -1
     info = ModelInfo(
         source=source,
         hf_config=hf_config,
@@ -250,7 +255,9 @@ def _dummy_weights(model: nn.Module) -> set[str]:
     for p in model.parameters():
         if p.device not in gens:
             gens[p.device] = torch.Generator(p.device).manual_seed(0)
-        if p.dtype.is_floating_point and p.element_size() == 1:  # fp8: no uniform_ kernel
+        if not p.dtype.is_floating_point:  # packed integers (e.g. int4 words): any bits will do
+            p.copy_(torch.randint(-(2**31), 2**31 - 1, p.shape, generator=gens[p.device]))
+        elif p.element_size() == 1:  # fp8: no uniform_ kernel
             noise = torch.empty(p.shape, device=p.device).uniform_(
                 -1e-3, 1e-3, generator=gens[p.device]
             )

@@ -23,7 +23,10 @@ class MixtralForCausalLM(LlamaForCausalLM):
             renormalize=True,
             parallel=self.parallel,
             prefix=prefix,
-            quant_method=self.quant_config.moe_method(prefix),
+            # The format is looked up under the checkpoint's names (block_sparse_moe, w1/w2/w3).
+            quant_method=self.quant_config.moe_method(
+                prefix.replace(".mlp", ".block_sparse_moe"), gate_proj="w1"
+            ),
             # HF Mixtral multiplies by the float32 top-k weights, then casts the product.
             cast_routing_weights=False,
         )

@@ -27,23 +27,38 @@ TokenIds = list[Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]]
 def lone_surrogate(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
     """(field path, what is wrong) for the first string in a JSON value that is not valid
     Unicode text, else None. JSON's `\\ud800` escapes decode to lone UTF-16 surrogates, which
-    no tokenizer can encode (they were a 500 that also broke the connection)."""
-    if isinstance(value, str):
+    no tokenizer can encode (they were a 500 that also broke the connection).
+
+    NOTE: runs on the event loop for every request body (up to 1 MiB): ASCII strings and numbers
+    are skipped without work, and a path is built only along containers (0.03 s for 250k ids)."""
+    kind = type(value)
+    if kind is str:
+        if value.isascii():
+            return None
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
             char = f"\\u{ord(value[exc.start]):04x}"
             return ".".join(path), f"lone UTF-16 surrogate {char} at character {exc.start}"
         return None
-    if isinstance(value, list):
-        value = dict(enumerate(value))
-    if isinstance(value, dict):
-        for key, item in value.items():
-            for part in (key, item):  # keys too: a bad key is as unencodable as a bad value
-                name = str(key).encode("utf-8", "backslashreplace").decode()  # printable
-                if (found := lone_surrogate(part, (*path, name))) is not None:
-                    return found
+    if kind is list:
+        items = ((str(i), item) for i, item in enumerate(value) if type(item) in _CONTAINERS)
+    elif kind is dict:
+        items = value.items()
+    else:
+        return None
+    for key, item in items:
+        name = str(key)
+        if not name.isascii():  # a bad key is as unencodable as a bad value
+            if (found := lone_surrogate(name, path)) is not None:
+                return found
+            name = name.encode("utf-8", "backslashreplace").decode()
+        if (found := lone_surrogate(item, (*path, name))) is not None:
+            return found
     return None
+
+
+_CONTAINERS = (str, list, dict)
 
 
 class _Request(BaseModel):
@@ -58,9 +73,9 @@ class _Request(BaseModel):
             param, problem = found
             raise PydanticCustomError(
                 "invalid_text",
-                "{param}: the text is not valid Unicode ({problem}); send UTF-8 text, with "
+                "{where}: the text is not valid Unicode ({problem}); send UTF-8 text, with "
                 "surrogate pairs joined",
-                {"param": param, "problem": problem},
+                {"param": param, "where": param or "a key of the body", "problem": problem},
             )
         return data
 

@@ -119,4 +119,3 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> tor
     if cache.element_size() == 1 and cache.dtype.is_floating_point:
         return cache.view(torch.uint8)[slots].view(cache.dtype).to(dtype)
     return cache[slots].to(dtype)
-

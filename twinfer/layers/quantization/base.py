@@ -71,8 +71,10 @@ class QuantizationConfig:
         layers the checkpoint leaves unquantized get the plain one."""
         raise NotImplementedError
 
-    def moe_method(self, prefix: str) -> MoEMethod | None:
-        """The format of the MoE layer `prefix`'s routed experts; None when they are plain."""
+    def moe_method(self, prefix: str, gate_proj: str = "gate_proj") -> MoEMethod | None:
+        """The format of the routed experts of the MoE block `prefix` (its checkpoint name, as
+        ignore lists and targets spell it; `gate_proj` names an expert's gate projection there);
+        None when they are plain."""
         return None
 
     def describe(self) -> str:

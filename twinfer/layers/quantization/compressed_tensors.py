@@ -81,9 +81,9 @@ class CompressedTensorsConfig(QuantizationConfig):
         scheme = schemes.pop()
         return UnquantizedLinearMethod() if scheme is None else PackedIntLinearMethod(scheme)
 
-    def moe_method(self, prefix: str) -> MoEMethod | None:
+    def moe_method(self, prefix: str, gate_proj: str = "gate_proj") -> MoEMethod | None:
         # The checkpoints store per-expert Linear modules: expert 0's gate stands for them all.
-        scheme = self._scheme_of(f"{prefix}.experts.0.gate_proj")
+        scheme = self._scheme_of(f"{prefix}.experts.0.{gate_proj}")
         return None if scheme is None else PackedIntMoEMethod(scheme)
 
     def _scheme_of(self, name: str) -> IntWeightScheme | None:
@@ -114,7 +114,7 @@ def _scheme(name: str, weights: dict[str, Any] | None) -> IntWeightScheme:
             f"compressed-tensors config group {name}: {kind} {bits}-bit weights are not "
             "supported by pack-quantized loading; int4 and int8 are."
         )
-    if weights.get("actorder") not in (None, "static"):
+    if weights.get("actorder") not in (None, "static", "weight"):  # "weight": no g_idx stored
         raise ValueError(
             f"compressed-tensors config group {name} uses actorder {weights['actorder']!r} "
             "(a g_idx permutation), which twinfer does not load yet."
@@ -185,6 +185,7 @@ class PackedIntLinearMethod(LinearMethod):
             layer.weight_packed.device.type == "cpu"
             and self.scheme.num_bits == 4
             and group % INT4_GROUP == 0
+            and layer.output_size_local % 16 == 0  # the kernel packs rows in 16s
             and layer.quant_dtype in (torch.bfloat16, torch.float16)
         )
 

@@ -41,7 +41,7 @@ class Fp8Config(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:
         fmt = config.get("fmt", "e4m3")
-        if fmt != "e4m3":
+        if fmt not in ("e4m3", "float8_e4m3fn"):  # MiniMax-M2 spells it out
             raise ValueError(f"quantization_config fmt {fmt!r}: twinfer reads e4m3 FP8 weights.")
         scheme = config.get("activation_scheme", "dynamic")
         if scheme != "dynamic":
@@ -71,10 +71,11 @@ class Fp8Config(QuantizationConfig):
             return UnquantizedLinearMethod()
         return Fp8BlockLinearMethod(self.block)
 
-    def moe_method(self, prefix: str) -> MoEMethod | None:
-        return (
-            None if is_ignored(f"{prefix}.experts", self.ignored) else Fp8BlockMoEMethod(self.block)
-        )
+    def moe_method(self, prefix: str, gate_proj: str = "gate_proj") -> MoEMethod | None:
+        expert = f"{prefix}.experts.0.{gate_proj}"
+        if is_ignored(f"{prefix}.experts", self.ignored) or is_ignored(expert, self.ignored):
+            return None
+        return Fp8BlockMoEMethod(self.block)
 
     def describe(self) -> str:
         return f"fp8 (e4m3, blocks of {self.block[0]}x{self.block[1]}, dynamic activations)"

@@ -121,3 +121,9 @@ def test_quantized_experts_match_transformers(quantized_moe, moe_backend: str) -
     moe = next(m for m in llm.engine.runner.model.modules() if hasattr(m, "w13_weight"))
     assert moe.quant_method is None  # expanded at load (MoEMethod's NOTE), the format's copy freed
     assert not any("weight_scale" in n or "packed" in n for n, _ in moe.named_parameters())
+    if moe.host_experts is not None and moe.host_experts.layer is not None:
+        # The CPU engine (--moe-cpu-dtype keep): an int4 g32 checkpoint stays int4 g32, packed
+        # with its own scales (lossless); FP8 is kept in the model dtype.
+        layer = moe.host_experts.layer
+        want = ("int4", 32) if kind == "ct-int4" else ("f32", 0)
+        assert (layer.format, layer.group_size if layer.format == "int4" else 0) == want

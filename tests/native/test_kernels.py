@@ -170,3 +170,24 @@ def test_isa_cap_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _E.cpu_features()["isa"] == best
     monkeypatch.setenv("TWINFER_CPU_ISA", "nonsense")
     assert _E.cpu_features()["isa"] == best
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("src", ["f32", "bf16"])
+def test_int4_grid_with_its_scales_packs_losslessly(group: int, src: str) -> None:
+    """A checkpoint's int4 grid (q in -8..7, its own scale per group) given with those scales
+    comes back exactly, also from bf16-rounded weights; the absmax/7 rule cannot (q = -8)."""
+    torch.manual_seed(0)
+    rows, cols = 19, 256  # a partial 16-row block
+    q = torch.randint(-8, 8, (rows, cols)).float()
+    q[:, ::group] = -8  # every group holds -8: absmax / 7 would change the grid
+    scales = torch.rand(rows, cols // group) / 10 + 0.01
+    w = q * scales.repeat_interleave(group, 1)  # [R, C] f32, on the grid
+    source = w.to(_TORCH[src])
+    out = torch.empty(rows, cols)
+    _E.pack_unpack(
+        "int4", rows, cols, group, source.data_ptr(), src, out.data_ptr(), scales.data_ptr()
+    )
+    assert torch.equal(out, w)
+    _E.pack_unpack("int4", rows, cols, group, source.data_ptr(), src, out.data_ptr())
+    assert not torch.equal(out, w)  # requantized: the same values only by accident

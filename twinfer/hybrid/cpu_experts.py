@@ -96,9 +96,18 @@ class CpuExpertEngine:
     def native(self) -> bool:
         return self.engine is not None
 
-    def add_layer(self, w13: Tensor, w2: Tensor, fmt: str, group_size: int) -> HostExperts:
+    def add_layer(
+        self,
+        w13: Tensor,
+        w2: Tensor,
+        fmt: str,
+        group_size: int,
+        grid_scales: tuple[Tensor, Tensor] | None = None,
+    ) -> HostExperts:
         """w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I] in host memory, packed once
-        into `fmt` (native format name) on the pool's NUMA nodes."""
+        into `fmt` (native format name) on the pool's NUMA nodes. `grid_scales` (int4 only):
+        f32 group scales [E, 2I, H/g], [E, H, I/g] of weights already on an int4 grid, which
+        then pack losslessly instead of being requantized."""
         if self.engine is None:
             return HostExperts(self, -1, w13.shape[2], w13.contiguous(), w2.contiguous())
         e, two_i, h = w13.shape
@@ -107,11 +116,14 @@ class CpuExpertEngine:
         )
         w13, w2 = w13.contiguous(), w2.contiguous()
         # One call: every worker packs the experts of its node's shard (first touch on the node).
+        s13, s2 = grid_scales if grid_scales is not None else (None, None)
         layer.load_experts(
             list(range(e)),
             [w13[x].data_ptr() for x in range(e)],
             [w2[x].data_ptr() for x in range(e)],
             dtype_name(w13),
+            [] if s13 is None else [s13[x].data_ptr() for x in range(e)],
+            [] if s2 is None else [s2[x].data_ptr() for x in range(e)],
         )
         return HostExperts(self, self.engine.add_layer(layer), h, layer=layer)
 

@@ -212,13 +212,17 @@ def plan_moe(config: EngineConfig, info: ModelInfo, model_cls: type) -> MoEPlan 
     layers = [s.layer for s in shapes]
     host = _host_layers(config, device, layers)
     host_format = device_format if config.moe_cpu_dtype == "keep" else config.moe_cpu_dtype
-    if host and host_format == "int4":
-        group = config.moe_cpu_group_size
-        if bad := sorted({d for s in shapes for d in (s.hidden, s.inner) if d % group}):
-            raise ValueError(
-                f"int4 groups of {group} do not divide the expert sizes {bad} (hidden and expert "
-                f"inner size); use a --moe-cpu-group-size that divides them (32, 64 or 128)."
-            )
+    group = config.moe_cpu_group_size
+    kept_group = info.quant_config.moe_int4_group()
+    if config.moe_cpu_dtype == "keep" and kept_group is not None:
+        # The checkpoint's int4 grid is packed as is (lossless), in its own group size.
+        host_format, group = "int4", kept_group
+    bad = sorted({d for s in shapes for d in (s.hidden, s.inner) if d % group})
+    if host and host_format == "int4" and bad:
+        raise ValueError(
+            f"int4 groups of {group} do not divide the expert sizes {bad} (hidden and expert "
+            f"inner size); use a --moe-cpu-group-size that divides them (32, 64 or 128)."
+        )
     _check_native(host_format, bool(host))
     topology = CpuTopology.detect()
     threads = config.moe_cpu_threads or default_threads(topology, device.type == "cuda")
@@ -227,7 +231,7 @@ def plan_moe(config: EngineConfig, info: ModelInfo, model_cls: type) -> MoEPlan 
         host_layers=frozenset(host),
         device_format=device_format,
         host_format=host_format,
-        group_size=config.moe_cpu_group_size,
+        group_size=group,
         workers=plan_workers(topology, threads, config.moe_thread_binding),
         # NOTE: with a GPU the workers spin through the GPU's part of a layer (~50 us), so the
         # next layer starts without a wake-up; on the CPU alone torch's own threads need the

@@ -127,21 +127,30 @@ class MoELayer(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Experts in a checkpoint format: expanded to the model dtype (see MoEMethod). Host
-        experts: packed once for the CPU expert engine, then the torch copy freed."""
+        experts: packed once for the CPU expert engine, then the torch copy freed; an int4
+        checkpoint grid whose groups the engine keeps is packed with its own scales (lossless)."""
+        plan = current_moe_plan()
+        fmt = NATIVE_FORMATS[self.placement.formats[0]] if self.on_host else None
+        grid_scales = None
         if self.quant_method is not None:
+            if fmt == "int4" and plan is not None:
+                grid_scales = self.quant_method.int4_group_scales(self)
+                # Another group size asked for (--moe-cpu-group-size): requantize instead.
+                if grid_scales is not None and grid_scales[0].shape[2] * plan.group_size != (
+                    self.hidden_size
+                ):
+                    grid_scales = None
             w13, w2 = self.quant_method.dequantize(self, self.dtype)
             for name in self.quant_method.param_names():
                 setattr(self, name, None)
             self.w13_weight = nn.Parameter(w13, requires_grad=False)
             self.w2_weight = nn.Parameter(w2, requires_grad=False)
             self.quant_method = None
-        plan = current_moe_plan()
         if not self.on_host or self.host_experts is not None or plan is None:
             return
-        fmt = NATIVE_FORMATS[self.placement.formats[0]]
         engine = plan.cpu_engine()
         self.host_experts = engine.add_layer(
-            self.w13_weight.data, self.w2_weight.data, fmt, plan.group_size
+            self.w13_weight.data, self.w2_weight.data, fmt, plan.group_size, grid_scales
         )
         if engine.native:  # the packed copy is the only one kept (host RAM ~ 1.0x the weights)
             for p in (self.w13_weight, self.w2_weight):

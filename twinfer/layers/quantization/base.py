@@ -56,6 +56,11 @@ class MoEMethod:
         """The parameters `create_weights` registers (freed after `dequantize`)."""
         raise NotImplementedError
 
+    def int4_group_scales(self, layer: MoELayer) -> tuple[Tensor, Tensor] | None:
+        """For experts on a symmetric int4 grid the CPU engine keeps as is: f32 group scales
+        (w13 [E, 2I, H/g], w2 [E, H, I/g]) to pack the expanded weights with, losslessly."""
+        return None
+
 
 class QuantizationConfig:
     """A checkpoint's `quantization_config` (or `--quantization`): which method each layer gets."""
@@ -70,6 +75,11 @@ class QuantizationConfig:
         """The method of the linear layer named `prefix` (e.g. model.layers.0.self_attn.qkv_proj);
         layers the checkpoint leaves unquantized get the plain one."""
         raise NotImplementedError
+
+    def moe_int4_group(self) -> int | None:
+        """The group size when the routed experts are stored as a symmetric int4 grid that the
+        CPU engine packs losslessly (so `--moe-cpu-dtype keep` keeps int4); else None."""
+        return None
 
     def moe_method(self, prefix: str, gate_proj: str = "gate_proj") -> MoEMethod | None:
         """The format of the routed experts of the MoE block `prefix` (its checkpoint name, as

@@ -81,6 +81,10 @@ class CompressedTensorsConfig(QuantizationConfig):
         scheme = schemes.pop()
         return UnquantizedLinearMethod() if scheme is None else PackedIntLinearMethod(scheme)
 
+    def moe_int4_group(self) -> int | None:
+        groups = {s.group_size if _engine_keeps(s) else None for _, s in self.groups}
+        return groups.pop() if len(groups) == 1 else None
+
     def moe_method(self, prefix: str, gate_proj: str = "gate_proj") -> MoEMethod | None:
         # The checkpoints store per-expert Linear modules: expert 0's gate stands for them all.
         scheme = self._scheme_of(f"{prefix}.experts.0.{gate_proj}")
@@ -128,6 +132,11 @@ def _scheme(name: str, weights: dict[str, Any] | None) -> IntWeightScheme:
             f"{group!r}; twinfer loads the group (with a positive group_size) and channel ones."
         )
     return IntWeightScheme(bits, group, bool(weights.get("symmetric", True)))
+
+
+def _engine_keeps(scheme: IntWeightScheme) -> bool:
+    """The CPU engine's int4 layout: symmetric groups of 32, 64 or 128 (no zero points)."""
+    return scheme.num_bits == 4 and scheme.symmetric and scheme.group_size in (32, 64, 128)
 
 
 def _matches(name: str, entry: str) -> bool:
@@ -216,6 +225,11 @@ class PackedIntMoEMethod(MoEMethod):
         if not self.scheme.symmetric:
             names += ("weight_zero_point",)
         return tuple(f"{w}_{name}" for w in ("w13", "w2") for name in names)
+
+    def int4_group_scales(self, layer: MoELayer) -> tuple[Tensor, Tensor] | None:
+        if not _engine_keeps(self.scheme):
+            return None
+        return layer.w13_weight_scale.data.contiguous(), layer.w2_weight_scale.data.contiguous()
 
     def create_weights(self, layer: MoELayer) -> None:
         e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size_local

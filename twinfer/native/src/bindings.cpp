@@ -77,11 +77,12 @@ nb::dict cpu_features_dict() {
 }
 
 void pack_unpack(const std::string& fmt, int rows, int cols, int group_size, uintptr_t src,
-                 const std::string& src_dtype, uintptr_t out) {
+                 const std::string& src_dtype, uintptr_t out, uintptr_t group_scales) {
   const PackedLayout lay = layout(fmt, rows, cols, group_size);
   Scratch<uint8_t> packed;
   packed.grow(lay.bytes);
-  pack_matrix(lay, ptr(src, "src"), weight_dtype(src_dtype), cols, packed.data());
+  const auto* scales = reinterpret_cast<const float*>(group_scales);  // 0: absmax / 7
+  pack_matrix(lay, ptr(src, "src"), weight_dtype(src_dtype), cols, packed.data(), scales);
   unpack_matrix(lay, packed.data(), static_cast<float*>(const_cast<void*>(ptr(out, "out"))));
 }
 
@@ -211,7 +212,7 @@ NB_MODULE(_engine, m) {
     return layout(fmt, rows, cols, group_size).bytes;
   }, "fmt"_a, "rows"_a, "cols"_a, "group_size"_a = 128);
   m.def("pack_unpack", &pack_unpack, "fmt"_a, "rows"_a, "cols"_a, "group_size"_a, "src_ptr"_a,
-        "src_dtype"_a, "out_f32_ptr"_a, Release());
+        "src_dtype"_a, "out_f32_ptr"_a, "group_scales_ptr"_a = uintptr_t{0}, Release());
   m.def("matmul", &matmul, "fmt"_a, "rows"_a, "cols"_a, "group_size"_a, "w_ptr"_a, "w_dtype"_a,
         "x_ptr"_a, "n"_a, "y_ptr"_a, "isa"_a = "", "threads_split"_a = 1, "x_bf16"_a = true,
         Release());
@@ -241,14 +242,20 @@ NB_MODULE(_engine, m) {
            "e"_a, "w13_ptr"_a, "w2_ptr"_a, "src_dtype"_a, Release())
       .def("load_experts",
            [](ExpertLayer& l, const std::vector<int>& experts, const std::vector<uintptr_t>& w13,
-              const std::vector<uintptr_t>& w2, const std::string& dt) {
+              const std::vector<uintptr_t>& w2, const std::string& dt,
+              const std::vector<uintptr_t>& w13_scales, const std::vector<uintptr_t>& w2_scales) {
              const DType d = parse_dtype(dt, "src");
              std::vector<const void*> a, b;
              for (uintptr_t p : w13) a.push_back(ptr(p, "w13"));
              for (uintptr_t p : w2) b.push_back(ptr(p, "w2"));
-             l.load_experts(experts, a, b, d);
+             std::vector<const float*> sa, sb;
+             for (uintptr_t p : w13_scales) sa.push_back(static_cast<const float*>(ptr(p, "w13_scales")));
+             for (uintptr_t p : w2_scales) sb.push_back(static_cast<const float*>(ptr(p, "w2_scales")));
+             l.load_experts(experts, a, b, d, sa, sb);
            },
-           "experts"_a, "w13_ptrs"_a, "w2_ptrs"_a, "src_dtype"_a, Release())
+           "experts"_a, "w13_ptrs"_a, "w2_ptrs"_a, "src_dtype"_a,
+           "w13_scale_ptrs"_a = std::vector<uintptr_t>{}, "w2_scale_ptrs"_a = std::vector<uintptr_t>{},
+           Release())
       .def_prop_ro("bytes", &ExpertLayer::bytes)
       .def_prop_ro("loaded", &ExpertLayer::loaded_list)
       .def_prop_ro("format", [](const ExpertLayer& l) { return wformat_name(l.format()); })

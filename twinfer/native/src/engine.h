@@ -145,8 +145,12 @@ class ExpertLayer {
   // Packs on the workers of each shard's node (first touch there). Throws std::invalid_argument.
   // NOTE: load before stepping: a load and a step are both pool jobs and never overlap, but a
   // step's submitter reads the loaded flags without a lock.
+  // w13_scales / w2_scales (INT4 layers, optional): per expert, f32 group scales of w13 [2I, H/gs]
+  // and w2 [H, I/gs] for weights already on an int4 grid (see pack_matrix's group_scales).
   void load_experts(const std::vector<int>& experts, const std::vector<const void*>& w13,
-                    const std::vector<const void*>& w2, DType src_dtype);
+                    const std::vector<const void*>& w2, DType src_dtype,
+                    const std::vector<const float*>& w13_scales = {},
+                    const std::vector<const float*>& w2_scales = {});
   ExpertLayer(const ExpertLayer&) = delete;
   ExpertLayer& operator=(const ExpertLayer&) = delete;
 

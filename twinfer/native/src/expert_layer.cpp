@@ -140,9 +140,16 @@ ExpertLayer::ExpertLayer(ThreadPool& pool, int num_experts, int hidden, int inne
 
 void ExpertLayer::load_experts(const std::vector<int>& experts,
                                const std::vector<const void*>& w13,
-                               const std::vector<const void*>& w2, DType src_dtype) {
+                               const std::vector<const void*>& w2, DType src_dtype,
+                               const std::vector<const float*>& w13_scales,
+                               const std::vector<const float*>& w2_scales) {
   if (w13.size() != experts.size() || w2.size() != experts.size())
     throw std::invalid_argument("load_experts: experts, w13 and w2 need one entry each");
+  const bool grid = !w13_scales.empty() || !w2_scales.empty();
+  if (grid && (fmt_ != WFormat::INT4 || w13_scales.size() != experts.size() ||
+               w2_scales.size() != experts.size()))
+    throw std::invalid_argument(
+        "load_experts: group scales need an int4 layer and one w13 and one w2 entry per expert");
   for (int e : experts)
     if (e < 0 || e >= E_)
       throw std::invalid_argument("load_expert: expert " + str(e) + " is outside [0, " +
@@ -163,13 +170,20 @@ void ExpertLayer::load_experts(const std::vector<int>& experts,
       auto* blk = static_cast<uint8_t*>(s.arena.data()) + s.stride * experts[j];
       const auto* a = static_cast<const uint8_t*>(w13[j]);
       const auto* b = static_cast<const uint8_t*>(w2[j]);
+      // A shard's rows of the group scales, as of the weights (gate and up I rows apart).
+      const size_t gh = grid ? size_t(H_ / group_) : 0, gi = grid ? size_t(I_ / group_) : 0;
+      const float* sa = grid ? w13_scales[j] : nullptr;
+      const float* sb = grid ? w2_scales[j] : nullptr;
       try {
         if (task % 3 == 0 && s.gate.rows > 0)
-          pack_matrix(s.gate, a + size_t(s.i0) * H_ * eb, sf, H_, blk);
+          pack_matrix(s.gate, a + size_t(s.i0) * H_ * eb, sf, H_, blk,
+                      sa ? sa + size_t(s.i0) * gh : nullptr);
         if (task % 3 == 1 && s.up.rows > 0)
-          pack_matrix(s.up, a + size_t(I_ + s.i0) * H_ * eb, sf, H_, blk + s.up_off);
+          pack_matrix(s.up, a + size_t(I_ + s.i0) * H_ * eb, sf, H_, blk + s.up_off,
+                      sa ? sa + size_t(I_ + s.i0) * gh : nullptr);
         if (task % 3 == 2 && s.down.rows > 0)
-          pack_matrix(s.down, b + size_t(s.h0) * I_ * eb, sf, I_, blk + s.down_off);
+          pack_matrix(s.down, b + size_t(s.h0) * I_ * eb, sf, I_, blk + s.down_off,
+                      sb ? sb + size_t(s.h0) * gi : nullptr);
       } catch (const std::exception& ex) {  // never let an exception out of a worker
         std::lock_guard<std::mutex> lock(mu);
         err = ex.what();

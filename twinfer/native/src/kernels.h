@@ -46,8 +46,11 @@ PackedLayout packed_layout(WFormat format, int rows, int cols, int group_size);
 
 // Packs (and for INT8/INT4 quantizes) `rows` x `cols` source values into `dst`.
 // `src` row r starts at src + r * src_row_stride elements; src_dtype is F32, BF16 or F16.
+// INT4 only: `group_scales` (f32, row r's groups at group_scales + r * cols / group_size) gives
+// each group's scale instead of absmax / 7, so weights already on an int4 grid (a checkpoint's
+// q * scale) pack losslessly: q = round(w / scale) recovers q exactly.
 void pack_matrix(const PackedLayout& lay, const void* src, WFormat src_dtype,
-                 size_t src_row_stride, void* dst);
+                 size_t src_row_stride, void* dst, const float* group_scales = nullptr);
 
 // The values the kernels compute with, as float32 [rows x cols] (tests and references).
 void unpack_matrix(const PackedLayout& lay, const void* packed, float* out);

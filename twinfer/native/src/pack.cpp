@@ -157,7 +157,7 @@ PackedLayout packed_layout(WFormat format, int rows, int cols, int group_size) {
 }
 
 void pack_matrix(const PackedLayout& lay, const void* src, WFormat src_dtype,
-                 size_t src_row_stride, void* dst) {
+                 size_t src_row_stride, void* dst, const float* group_scales) {
   if (src_dtype != WFormat::F32 && src_dtype != WFormat::BF16 && src_dtype != WFormat::F16)
     throw std::invalid_argument(std::string("pack_matrix: source dtype must be f32, bf16 or f16, "
                                             "got ") + fmt_name(src_dtype));
@@ -211,9 +211,14 @@ void pack_matrix(const PackedLayout& lay, const void* src, WFormat src_dtype,
           auto* lanes = reinterpret_cast<uint32_t*>(grp);
           auto* scales = reinterpret_cast<float*>(grp + static_cast<size_t>(gs / 8) * 64);
           for (int i = 0; i < nr; ++i) {
-            float amax = 0.f;
-            for (int c = 0; c < gs; ++c) amax = std::fmax(amax, std::fabs(w(i, gi * gs + c)));
-            const float scale = amax / 7.f;
+            float scale;
+            if (group_scales != nullptr) {
+              scale = group_scales[static_cast<size_t>(b * kRowBlock + i) * g.groups + gi];
+            } else {
+              float amax = 0.f;
+              for (int c = 0; c < gs; ++c) amax = std::fmax(amax, std::fabs(w(i, gi * gs + c)));
+              scale = amax / 7.f;
+            }
             scales[i] = scale;
             for (int c = 0; c < gs; ++c) {
               const int qs = scale == 0.f ? 0 : quantize(w(i, gi * gs + c), scale, -8, 7);

@@ -228,7 +228,12 @@ def _llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _write_gguf(
-    path: Path, arch: str, hf: dict[str, torch.Tensor], qtype: str = "F32", eot: int | None = None
+    path: Path,
+    arch: str,
+    hf: dict[str, torch.Tensor],
+    qtype: str = "F32",
+    eot: int | None = None,
+    extra: dict[str, float] | None = None,
 ) -> None:
     """Convert as llama.cpp does: gguf-py's name table, stacked experts (stored as `qtype`),
     llama Q/K rows permuted."""
@@ -250,6 +255,8 @@ def _write_gguf(
     w.add_eos_token_id(7)
     if eot is not None:
         w.add_eot_token_id(eot)
+    for key, value in (extra or {}).items():
+        w.add_float32(key, value)
     stacked: dict[str, list[torch.Tensor]] = {}
     for name, tensor in hf.items():
         if m := re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.weight", name):
@@ -355,3 +362,13 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     w.close()
     with pytest.raises(ValueError, match="'gpt2'.*supported: llama, qwen2, qwen3, qwen3moe"):
         GGUFCheckpoint(path)
+
+
+def test_sampling_defaults_come_from_general_sampling_keys(tmp_path: Path) -> None:
+    """llama.cpp's general.sampling.* keys are the file's generation defaults (HF's names)."""
+    path = tmp_path / "sampling.gguf"
+    sampling = {"general.sampling.temp": 0.6, "general.sampling.top_p": 0.95}
+    _write_gguf(path, "qwen3", _hf_tensors("qwen3", moe=False), extra=sampling)
+    gen = GGUFCheckpoint(path).generation_config()
+    assert gen["temperature"] == pytest.approx(0.6) and gen["top_p"] == pytest.approx(0.95)
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (5, 7)

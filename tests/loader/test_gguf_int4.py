@@ -71,3 +71,22 @@ def test_int4_linear_matches_the_dense_layer(dtype) -> None:
     got = layer(x)
     assert got.dtype == dtype and layer.weight.numel() == 0
     torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_q4_k_blocks_are_an_int4_grid_in_groups_of_32() -> None:
+    """Q4_K (the bulk of Q4_K_M files): sub-block j's d * sc_j * q - dmin * m_j is the int4 grid
+    (q - 8) * scale + zero; gguf-py's dequantizer (an independent reader) is the oracle."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize as np_dequantize
+
+    from tests.loader.test_gguf import _random_blocks
+
+    t = GGMLQuantizationType.Q4_K
+    rows, cols = 24, 512
+    blocks = _random_blocks(t, rows, cols)  # every bit pattern of scales, mins and quants
+    raw = torch.from_numpy(blocks.reshape(-1).copy())
+    q, scale, zero = q4_grid(raw, int(t), (rows, cols))
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == (rows, cols // 32)
+    reference = torch.from_numpy(np_dequantize(blocks, t)).reshape(rows, cols)
+    assert torch.allclose(dense(q, scale, zero), reference, rtol=1e-6, atol=1e-6)
+    assert torch.equal(dequantize(raw, int(t), (rows, cols)), reference)

@@ -147,17 +147,24 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:
     return _nibbles_f32(b[:, 4:]).view(-1, 32).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
-_Q4_0, _Q4_1 = 2, 3  # ggml type ids
+_Q4_0, _Q4_1, _Q4_K = 2, 3, 12  # ggml type ids
 
 
 def q4_grid(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int]):
-    """A Q4_0 / Q4_1 matrix as its exact int4 grid, or None for other types.
+    """A Q4_0 / Q4_1 / Q4_K matrix as its int4 grid in groups of 32, or None for other types.
 
     Returns (q [N, K] uint8 in 0..15, scale [N, K/32], zero [N, K/32]) float32 with
     value = (q - 8) * scale + zero: Q4_1's d * q + m is scale d, zero m + 8d; Q4_0's d * (q - 8)
-    is scale d, zero 0.
+    is scale d, zero 0; Q4_K's sub-block j of 32, d * sc_j * q - dmin * m_j, is scale d * sc_j,
+    zero 8 * scale - dmin * m_j (the same q; the zero rounds once more in float32).
     """
     n, k = shape
+    if ggml_type == _Q4_K:
+        b = raw.reshape(-1, 144)
+        scale, minimum = _k_scales(b)  # [N/256 blocks, 8, 1] each
+        q = _nibbles(b[:, 16:].reshape(-1, 4, 32)).reshape(n, k)
+        scale = scale.reshape(n, k // 32)
+        return q, scale, 8 * scale - minimum.reshape(n, k // 32)
     if ggml_type == _Q4_0:
         b = raw.reshape(-1, 18)
         d = _f16(b, 0)
@@ -496,7 +503,7 @@ class GGUFCheckpoint:
             yield name, tensor.to(dtype)
 
     def int4_weights(self) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-        """(HF name, `q4_grid` triple) of every Q4_0 / Q4_1 matrix, rows in HF order."""
+        """(HF name, `q4_grid` triple) of every Q4_0 / Q4_1 / Q4_K matrix, rows in HF order."""
         for info in self.tensors:
             name = self._hf_names.get(info.name)
             if name is None or "{e}" in name or len(info.shape) != 2:

@@ -1,4 +1,4 @@
-"""GGUF Q4_0 / Q4_1 linear weights kept on their int4 grid for the CPU, instead of dequantized.
+"""GGUF Q4_0 / Q4_1 / Q4_K linear weights kept on their int4 grid for the CPU, not dequantized.
 
 A decode step on the CPU reads every weight once, so bytes per step set its speed: the Q4 grid
 (4.5 bits a weight with its scales) is a quarter of bf16. The grid is exact: the int4 kernel

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from twinfer.layers.quantization.online_int4 import ONLINE_METHODS
+
 _DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
     "float32": torch.float32,
@@ -134,6 +136,13 @@ class EngineConfig:
             "help": "Bytes for the KV cache (default: on a GPU, what --gpu-memory-utilization "
             "leaves; on the CPU, enough for max_num_seqs sequences of max_model_len, at most "
             "1 GiB)."
+        },
+    )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Quantize a plain checkpoint at load: int4 (alias sym_int4; dense layers, "
+            "CPU, bf16/fp16). Quantized checkpoints are read as published without it."
         },
     )
     kv_cache_dtype: str = field(
@@ -274,6 +283,11 @@ class EngineConfig:
             )
         if self.device not in _DEVICES:
             raise ValueError(f"device {self.device!r} is unknown; choose one of {_DEVICES}.")
+        if self.quantization is not None and self.quantization not in ONLINE_METHODS:
+            raise ValueError(
+                f"quantization {self.quantization!r} is not an online method; choose one of "
+                f"{', '.join(ONLINE_METHODS)} (a quantized checkpoint needs no flag)."
+            )
         if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype {self.kv_cache_dtype!r} is unknown; choose one of "
@@ -464,6 +478,7 @@ class EngineConfig:
                 "moe_thread_binding": list(_THREAD_BINDINGS),
                 "load_format": list(_LOAD_FORMATS),
                 "kv_cache_dtype": list(_KV_CACHE_DTYPES),
+                "quantization": list(ONLINE_METHODS),
             },
             types={"compilation_config": CompilationConfig.from_value},
         )

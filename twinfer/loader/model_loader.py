@@ -162,10 +162,31 @@ def model_info(config: EngineConfig) -> ModelInfo:
         generation_defaults_from=gen_from,
         load_format=config.load_format,
     )
-    if source.kind == "hf":
-        info.quant_config = get_quantization_config(getattr(hf_config, "quantization_config", None))
+    if source.kind == "hf" or config.quantization is not None:
+        if source.kind == "gguf":
+            raise ValueError(
+                f"--quantization {config.quantization} quantizes safetensors checkpoints; a GGUF "
+                "file keeps its own formats (Q4 matrices already run on their int4 grid)."
+            )
+        hf_quant = getattr(hf_config, "quantization_config", None)
+        info.quant_config = get_quantization_config(hf_quant, config.quantization)
+        if config.quantization is not None:
+            _check_online_quantization(config.quantization, device, dtype)
     info.moe_plan = plan_moe(config, info, get_model_class(list(hf_config.architectures)))
     return info
+
+
+def _check_online_quantization(method: str, device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cpu":
+        raise ValueError(
+            f"--quantization {method} runs on the CPU's int4 kernel; twinfer has no int4 GPU "
+            "kernel for dense layers yet: drop the flag on a GPU (or use --device cpu)."
+        )
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"--quantization {method} computes with bf16/fp16 activations (torch's int4 kernel); "
+            "add --dtype bfloat16."
+        )
 
 
 def _check_sliding_window(hf_config: Any, max_model_len: int) -> None:

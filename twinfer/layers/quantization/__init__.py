@@ -9,6 +9,7 @@ from typing import Any
 from twinfer.layers.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
 from twinfer.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from twinfer.layers.quantization.fp8 import Fp8Config
+from twinfer.layers.quantization.online_int4 import ONLINE_METHODS, OnlineInt4Config
 from twinfer.layers.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "QuantizationConfig",
     "UnquantizedConfig",
     "UnquantizedLinearMethod",
+    "ONLINE_METHODS",
     "get_quantization_config",
 ]
 
@@ -26,8 +28,21 @@ _METHODS: dict[str, type[QuantizationConfig]] = {
 }
 
 
-def get_quantization_config(hf_quant_config: Any) -> QuantizationConfig:
-    """The format of a checkpoint from its config.json `quantization_config` (None: plain)."""
+def get_quantization_config(hf_quant_config: Any, online: str | None = None) -> QuantizationConfig:
+    """The format of a checkpoint from its config.json `quantization_config` (None: plain), or
+    `online` (--quantization) to quantize a plain checkpoint at load."""
+    if online is not None:
+        if online not in ONLINE_METHODS:
+            raise ValueError(
+                f"--quantization {online!r} is not supported; choose one of "
+                f"{', '.join(ONLINE_METHODS)} (quantized checkpoints need no flag)."
+            )
+        if hf_quant_config is not None:
+            raise ValueError(
+                f"--quantization {online}: this checkpoint is already quantized; drop the flag "
+                "(its own format is read from quantization_config)."
+            )
+        return OnlineInt4Config()
     if hf_quant_config is None:
         return UnquantizedConfig()
     if not isinstance(hf_quant_config, dict):

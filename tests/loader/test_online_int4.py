@@ -1,0 +1,98 @@
+"""--quantization int4: a plain checkpoint's dense layers quantized at load (symmetric, groups of
+32) and run on torch's CPU int4 kernel; the oracle is transformers in fp32 on the same grid."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tests.entrypoints.test_hf_parity import check_logprobs_close
+from twinfer import LLM, SamplingParams
+from twinfer.layers.linear import LinearBase
+
+NUM_TOKENS = 16
+PROMPTS = ["The quick brown fox jumps over the lazy dog because", "def f(x):\n    return"]
+
+
+def on_int4_grid(w: torch.Tensor) -> torch.Tensor:
+    """The recipe, written out: each group of 32 scaled by absmax / 7, rounded, clamped to -8..7."""
+    n, k = w.shape
+    g = w.reshape(n, k // 32, 32)
+    scale = g.abs().amax(-1, keepdim=True) / 7
+    return (torch.round(g / scale).clamp(-8, 7) * scale).reshape(n, k)
+
+
+def test_int4_at_load_matches_transformers_on_the_same_grid(tiny_checkpoints) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_checkpoints("qwen3-tiny")
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=256, quantization="int4")
+    linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, LinearBase)]
+    assert linears and all(m.int4_weight is not None and m.weight.numel() == 0 for m in linears)
+    assert "int4" in llm.engine.info.quant_config.describe()
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if re.search(r"proj\.weight$", name):
+                p.copy_(on_int4_grid(p))
+    hf.generation_config.eos_token_id = None
+    tok = AutoTokenizer.from_pretrained(path)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), strict=True):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            gen = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NUM_TOKENS,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+        hf_ids = gen.sequences[0, ids.shape[1] :].tolist()
+        hf_top = [set(gen.logits[i][0].topk(5).indices.tolist()) for i in range(NUM_TOKENS)]
+        ours = out.outputs[0]
+        check_logprobs_close(
+            (ours.token_ids, [set(lp) for lp in ours.logprobs]), (hf_ids, hf_top), prompt[:20]
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"quantization": "int4", "dtype": "float32"}, "add --dtype bfloat16"),
+        ({"quantization": "awq"}, "quantization 'awq' is not an online method"),
+        ({"quantization": "sym_int4", "model": "gguf"}, "a GGUF file keeps its own formats"),
+    ],
+)
+def test_bad_online_quantization_names_the_fix(tiny_checkpoints, smollm2_gguf, kwargs, message):
+    model = str(smollm2_gguf) if kwargs.pop("model", None) else str(tiny_checkpoints("qwen3-tiny"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LLM(model, max_model_len=64, **kwargs)
+
+
+def test_an_already_quantized_checkpoint_refuses_the_flag() -> None:
+    from twinfer.layers.quantization import get_quantization_config
+
+    with pytest.raises(ValueError, match="already quantized; drop the flag"):
+        get_quantization_config({"quant_method": "fp8"}, "int4")
+
+
+def test_routers_stay_exact(tiny_checkpoints) -> None:
+    from twinfer.layers.moe import MoELayer
+    from twinfer.layers.quantization import UnquantizedLinearMethod
+
+    llm = LLM(
+        str(tiny_checkpoints("qwen3-moe-tiny")),
+        dtype="bfloat16",
+        max_model_len=64,
+        quantization="int4",
+    )
+    moe = [m for m in llm.engine.runner.model.modules() if isinstance(m, MoELayer)]
+    assert moe and all(type(m.gate.quant_method) is UnquantizedLinearMethod for m in moe)
+    attn = [m for n, m in llm.engine.runner.model.named_modules() if n.endswith("qkv_proj")]
+    assert attn and all(m.int4_weight is not None for m in attn)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import TEST_TOKENIZER
-from tests.entrypoints.test_hf_parity import check_logprobs_close
+from tests.hf_oracle import assert_greedy_matches_hf
 from twinfer import LLM, SamplingParams
 from twinfer.layers.linear import LinearBase
 from twinfer.layers.quantization.compressed_tensors import PackedIntLinearMethod
@@ -149,28 +149,8 @@ def test_ct_int4_matches_transformers_fp32(ct_dir: Path, tmp_path: Path) -> None
     assert "pack-quantized" in llm.engine.info.quant_config.describe()
 
     hf = oracle_model(ct_dir, tmp_path)
-    hf.generation_config.eos_token_id = None
     tok = AutoTokenizer.from_pretrained(ct_dir)
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
-    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), strict=True):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            gen = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NUM_TOKENS,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-        hf_ids = gen.sequences[0, ids.shape[1] :].tolist()
-        hf_top = [set(gen.logits[i][0].topk(5).indices.tolist()) for i in range(NUM_TOKENS)]
-        ours = out.outputs[0]
-        check_logprobs_close(
-            (ours.token_ids, [set(lp) for lp in ours.logprobs]), (hf_ids, hf_top), prompt[:20]
-        )
-        assert ours.token_ids[:8] == hf_ids[:8]
+    assert_greedy_matches_hf(llm, hf, tok, PROMPTS, NUM_TOKENS, same_prefix=8)
 
 
 def test_ct_int4_bf16_runs_the_int4_kernel_on_the_same_grid(ct_dir: Path) -> None:

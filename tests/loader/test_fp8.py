@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import TEST_TOKENIZER
-from tests.entrypoints.test_hf_parity import check_logprobs_close
-from twinfer import LLM, SamplingParams
+from tests.hf_oracle import assert_greedy_matches_hf
+from twinfer import LLM
 from twinfer.layers.linear import LinearBase
 from twinfer.layers.quantization.fp8 import Fp8BlockLinearMethod, dequantize_blocks
 
@@ -102,27 +102,8 @@ def test_fp8_checkpoint_matches_transformers_and_stays_fp8(fp8_dir: Path) -> Non
     hf = AutoModelForCausalLM.from_pretrained(
         fp8_dir, dtype=torch.float32, quantization_config=FineGrainedFP8Config(dequantize=True)
     ).eval()
-    hf.generation_config.eos_token_id = None
     tok = AutoTokenizer.from_pretrained(fp8_dir)
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
-    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), strict=True):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            gen = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NUM_TOKENS,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-        hf_ids = gen.sequences[0, ids.shape[1] :].tolist()
-        hf_top = [set(gen.logits[i][0].topk(5).indices.tolist()) for i in range(NUM_TOKENS)]
-        ours = out.outputs[0]
-        our_top = [set(lp) for lp in ours.logprobs]
-        check_logprobs_close((ours.token_ids, our_top), (hf_ids, hf_top), prompt[:20])
-        assert ours.token_ids[:8] == hf_ids[:8]  # the same function: no early divergence
+    assert_greedy_matches_hf(llm, hf, tok, PROMPTS, NUM_TOKENS, same_prefix=8)
 
 
 def test_partial_blocks_dequantize_element_wise() -> None:

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from tests.entrypoints.test_hf_parity import check_logprobs_close
-from twinfer import LLM, SamplingParams
+from tests.hf_oracle import assert_greedy_matches_hf
+from twinfer import LLM
 from twinfer.layers.linear import LinearBase
 
 NUM_TOKENS = 16
@@ -38,27 +38,8 @@ def test_int4_at_load_matches_transformers_on_the_same_grid(tiny_checkpoints) ->
         for name, p in hf.named_parameters():
             if re.search(r"proj\.weight$", name):
                 p.copy_(on_int4_grid(p))
-    hf.generation_config.eos_token_id = None
     tok = AutoTokenizer.from_pretrained(path)
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
-    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), strict=True):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            gen = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NUM_TOKENS,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-        hf_ids = gen.sequences[0, ids.shape[1] :].tolist()
-        hf_top = [set(gen.logits[i][0].topk(5).indices.tolist()) for i in range(NUM_TOKENS)]
-        ours = out.outputs[0]
-        check_logprobs_close(
-            (ours.token_ids, [set(lp) for lp in ours.logprobs]), (hf_ids, hf_top), prompt[:20]
-        )
+    assert_greedy_matches_hf(llm, hf, tok, PROMPTS, NUM_TOKENS)
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.entrypoints.test_hf_parity import check_logprobs_close
+from tests.hf_oracle import assert_greedy_matches_hf
 from tests.loader.test_fp8 import quantize_blocks
-from twinfer import LLM, SamplingParams
+from twinfer import LLM
 
 NUM_TOKENS = 16
 PROMPTS = ["The quick brown fox jumps over the lazy dog because", "def f(x):\n    return"]
@@ -87,7 +87,6 @@ def _oracle(kind: str, path: Path):
             weight_block_size=(BLOCK, BLOCK), dequantize=True
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
-    model.generation_config.eos_token_id = None
     return model
 
 
@@ -98,26 +97,7 @@ def test_quantized_experts_match_transformers(quantized_moe, moe_backend: str) -
     kind, path = quantized_moe
     llm = LLM(str(path), dtype="float32", max_model_len=256, moe_backend=moe_backend)
     hf, tok = _oracle(kind, path), AutoTokenizer.from_pretrained(path)
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
-    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params, use_tqdm=False), strict=True):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            gen = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NUM_TOKENS,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-        hf_ids = gen.sequences[0, ids.shape[1] :].tolist()
-        hf_top = [set(gen.logits[i][0].topk(5).indices.tolist()) for i in range(NUM_TOKENS)]
-        ours = out.outputs[0]
-        check_logprobs_close(
-            (ours.token_ids, [set(lp) for lp in ours.logprobs]), (hf_ids, hf_top), prompt[:20]
-        )
-        assert ours.token_ids[:6] == hf_ids[:6]
+    assert_greedy_matches_hf(llm, hf, tok, PROMPTS, NUM_TOKENS, same_prefix=6)
     moe = next(m for m in llm.engine.runner.model.modules() if hasattr(m, "w13_weight"))
     assert moe.quant_method is None  # expanded at load (MoEMethod's NOTE), the format's copy freed
     assert not any("weight_scale" in n or "packed" in n for n, _ in moe.named_parameters())

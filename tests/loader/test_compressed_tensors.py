@@ -14,21 +14,12 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import TEST_TOKENIZER
 from tests.hf_oracle import assert_greedy_matches_hf
+from tests.loader.test_fp8 import NUM_TOKENS, PROMPTS, SHAPE  # the same tiny Qwen3
 from twinfer import LLM, SamplingParams
 from twinfer.layers.linear import LinearBase
 from twinfer.layers.quantization.compressed_tensors import PackedIntLinearMethod
 from twinfer.layers.quantization.compressed_tensors import PackedIntMoEMethod as PackedIntMoE
 
-NUM_TOKENS = 24
-PROMPTS = ["The quick brown fox jumps over the lazy dog because", "def f(x):\n    return"]
-SHAPE = dict(
-    hidden_size=256,
-    intermediate_size=384,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    num_hidden_layers=2,
-)
 IGNORE = ["lm_head", "re:.*layers\\.1\\.self_attn\\..*"]
 
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from twinfer import LLM, SamplingParams
 from twinfer.config import EngineConfig
@@ -124,3 +125,25 @@ def test_generation_config_top_k_zero_means_off(checkpoint_copy) -> None:
     params = llm.get_default_sampling_params()
     assert (params.top_k, params.temperature) == (-1, 0.7)
     assert llm.generate("Hello", params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_loading_reports_progress_per_shard(tmp_path, caplog) -> None:
+    """A large checkpoint loads for minutes: each shard logs how far it is and at what GB/s."""
+    import logging
+
+    from tests.conftest import TEST_TOKENIZER
+    from twinfer.bench.random_model import make_random_checkpoint
+    from twinfer.loader.safetensors import iter_safetensors, safetensors_files
+
+    path = make_random_checkpoint(
+        "qwen3-tiny", tmp_path / "sharded", dtype=torch.float32, max_shard_bytes=2**21,
+        tokenizer_from=TEST_TOKENIZER,
+    )  # fmt: skip
+    files = safetensors_files(path)
+    assert len(files) >= 3
+    with caplog.at_level(logging.INFO, logger="twinfer.loader.safetensors"):
+        names = [name for name, _ in iter_safetensors(files)]
+    lines = [r.getMessage() for r in caplog.records if "loaded shard" in r.getMessage()]
+    assert len(lines) == len(files) and names
+    assert lines[0].startswith(f"loaded shard 1/{len(files)}: ")
+    assert "(100%)" in lines[-1] and lines[-1].endswith("GB/s")

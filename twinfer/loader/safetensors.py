@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+logger = logging.getLogger(__name__)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -39,8 +43,13 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor, one at a time, read through a memory map."""
-    for path in files:
+    """(name, tensor) for every tensor, one at a time, read through a memory map.
+
+    Logs each shard as it completes (bytes so far of the total, GB/s): a large checkpoint takes
+    minutes to load, and the log says how far it is."""
+    total = sum(path.stat().st_size for path in files)
+    done, start = 0, time.perf_counter()
+    for i, path in enumerate(files, 1):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
@@ -50,3 +59,14 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 f"{path} is not a valid safetensors file ({exc}); it is corrupt or truncated, "
                 "re-download it."
             ) from exc
+        done += path.stat().st_size
+        seconds = time.perf_counter() - start
+        logger.info(
+            "loaded shard %d/%d: %.2f of %.2f GB (%.0f%%) at %.2f GB/s",
+            i,
+            len(files),
+            done / 1e9,
+            total / 1e9,
+            100 * done / max(total, 1),
+            done / 1e9 / max(seconds, 1e-9),
+        )

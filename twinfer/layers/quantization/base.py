@@ -7,6 +7,7 @@ Legend: `T` tokens, `N` output features (this rank's), `K` input features (this 
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -107,3 +108,11 @@ def quant_param(data: Tensor, layer: LinearBase) -> nn.Parameter:
     param = nn.Parameter(data, requires_grad=False)
     param.weight_loader = layer.weight_loader
     return param
+
+
+def module_matches(name: str, entry: str) -> bool:
+    """Whether a checkpoint's ignore/target `entry` names module `name`: the name itself, its
+    last components (`lm_head`), a parent of it, or `re:<regex>` (compressed-tensors)."""
+    if entry.startswith("re:"):
+        return re.match(entry[3:], name) is not None
+    return name == entry or name.endswith("." + entry) or name.startswith(entry + ".")

@@ -11,7 +11,6 @@ Legend: `T` tokens, `N` output features, `K` input features, `b` bits, `g` group
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from twinfer.layers.quantization.base import (
     MoEMethod,
     QuantizationConfig,
     fused_names,
+    module_matches,
     quant_param,
 )
 from twinfer.layers.quantization.cpu_kernels import INT4_GROUP, int4_linear, pack_int4
@@ -91,10 +91,10 @@ class CompressedTensorsConfig(QuantizationConfig):
         return None if scheme is None else PackedIntMoEMethod(scheme)
 
     def _scheme_of(self, name: str) -> IntWeightScheme | None:
-        if any(_matches(name, entry) for entry in self.ignore):
+        if any(module_matches(name, entry) for entry in self.ignore):
             return None
         for targets, scheme in self.groups:
-            if any(target == "Linear" or _matches(name, target) for target in targets):
+            if any(target == "Linear" or module_matches(name, target) for target in targets):
                 return scheme
         return None
 
@@ -137,12 +137,6 @@ def _scheme(name: str, weights: dict[str, Any] | None) -> IntWeightScheme:
 def _engine_keeps(scheme: IntWeightScheme) -> bool:
     """The CPU engine's int4 layout: symmetric groups of 32, 64 or 128 (no zero points)."""
     return scheme.num_bits == 4 and scheme.symmetric and scheme.group_size in (32, 64, 128)
-
-
-def _matches(name: str, entry: str) -> bool:
-    if entry.startswith("re:"):
-        return re.match(entry[3:], name) is not None
-    return name == entry or name.endswith("." + entry)
 
 
 class PackedIntLinearMethod(LinearMethod):

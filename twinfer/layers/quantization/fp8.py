@@ -20,6 +20,7 @@ from twinfer.layers.quantization.base import (
     MoEMethod,
     QuantizationConfig,
     fused_names,
+    module_matches,
     quant_param,
 )
 from twinfer.layers.quantization.unquantized import UnquantizedLinearMethod
@@ -85,17 +86,13 @@ def is_ignored(prefix: str, ignored: list[str]) -> bool:
     """Whether the layer `prefix` stays unquantized; a fused layer needs all or none of its
     checkpoint projections listed."""
     names = fused_names(prefix)
-    hits = [any(_matches(name, entry) for entry in ignored) for name in names]
+    hits = [any(module_matches(name, entry) for entry in ignored) for name in names]
     if any(hits) and not all(hits):
         raise ValueError(
             f"{prefix}: the checkpoint quantizes some of {', '.join(names)} but not all; twinfer "
             "fuses them into one layer, which needs one format."
         )
     return all(hits)
-
-
-def _matches(name: str, entry: str) -> bool:
-    return name == entry or name.endswith("." + entry) or name.startswith(entry + ".")
 
 
 class Fp8BlockLinearMethod(LinearMethod):

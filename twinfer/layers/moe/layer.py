@@ -134,12 +134,7 @@ class MoELayer(nn.Module):
         grid_scales = None
         if self.quant_method is not None:
             if fmt == "int4" and plan is not None:
-                grid_scales = self.quant_method.int4_group_scales(self)
-                # Another group size asked for (--moe-cpu-group-size): requantize instead.
-                if grid_scales is not None and grid_scales[0].shape[2] * plan.group_size != (
-                    self.hidden_size
-                ):
-                    grid_scales = None
+                grid_scales = self.quant_method.int4_group_scales(self, plan.group_size)
             w13, w2 = self.quant_method.dequantize(self, self.dtype)
             for name in self.quant_method.param_names():
                 setattr(self, name, None)

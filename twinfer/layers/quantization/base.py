@@ -57,9 +57,10 @@ class MoEMethod:
         """The parameters `create_weights` registers (freed after `dequantize`)."""
         raise NotImplementedError
 
-    def int4_group_scales(self, layer: MoELayer) -> tuple[Tensor, Tensor] | None:
-        """For experts on a symmetric int4 grid the CPU engine keeps as is: f32 group scales
-        (w13 [E, 2I, H/g], w2 [E, H, I/g]) to pack the expanded weights with, losslessly."""
+    def int4_group_scales(self, layer: MoELayer, group: int) -> tuple[Tensor, Tensor] | None:
+        """For experts on a symmetric int4 grid in groups of `group` (the engine's): f32 group
+        scales (w13 [E, 2I, H/g], w2 [E, H, I/g]) to pack the expanded weights with, losslessly;
+        None otherwise (the engine then requantizes)."""
         return None
 
 

@@ -220,8 +220,8 @@ class PackedIntMoEMethod(MoEMethod):
             names += ("weight_zero_point",)
         return tuple(f"{w}_{name}" for w in ("w13", "w2") for name in names)
 
-    def int4_group_scales(self, layer: MoELayer) -> tuple[Tensor, Tensor] | None:
-        if not _engine_keeps(self.scheme):
+    def int4_group_scales(self, layer: MoELayer, group: int) -> tuple[Tensor, Tensor] | None:
+        if not _engine_keeps(self.scheme) or self.scheme.group_size != group:
             return None
         return layer.w13_weight_scale.data.contiguous(), layer.w2_weight_scale.data.contiguous()
 

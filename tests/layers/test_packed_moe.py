@@ -32,8 +32,11 @@ from twinfer.layers.moe.triton_kernels import GemmConfig, MoEConfig, fused_moe  
 
 _E = native_engine
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (format, group size): every packed format, int4 at two group sizes.
-FORMATS = [("f32", 0), ("f16", 0), ("bf16", 0), ("int8", 0), ("int4", 32), ("int4", 64)]
+# (format, group size): every packed format, the grouped ones (int4, int4z, fp8) at two sizes.
+FORMATS = [
+    ("f32", 0), ("f16", 0), ("bf16", 0), ("int8", 0), ("int4", 32), ("int4", 64), ("int4z", 32),
+    ("fp8", 32), ("fp8", 64),
+]  # fmt: skip
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float16: (5e-3, 5e-3)}
 # Blocks of 16 everywhere: several N blocks, several k-steps per int4 group, ragged edges.
 SMALL = MoEConfig(16, GemmConfig(16, 16, 4, 2, 2), GemmConfig(16, 32, 4, 2, 1))
@@ -259,8 +262,10 @@ def test_geometry_matches_native_plan(fmt: str, group: int) -> None:
 def test_bad_plans_raise() -> None:
     plan = _plan_by_hand()
     args = ("bf16", 0, 3, 64, 40)
-    with pytest.raises(ValueError, match="'fp8' is not one of"):
-        PackedGeometry.from_shard_plan(plan, "fp8", 0, 3, 64, 40)
+    with pytest.raises(ValueError, match="'int3' is not one of"):
+        PackedGeometry.from_shard_plan(plan, "int3", 0, 3, 64, 40)
+    with pytest.raises(ValueError, match="fp8 group_size 48"):
+        PackedGeometry.from_shard_plan(plan, "fp8", 48, 3, 64, 64)
     with pytest.raises(ValueError, match="int4 group_size 16"):
         PackedGeometry.from_shard_plan(plan, "int4", 16, 3, 64, 64)
     with pytest.raises(ValueError, match="divisible by the group size 64"):
@@ -292,8 +297,12 @@ def _unpacked(p: Packed, dtype: torch.dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "fmt,group", [("bf16", 0), ("int4", 128), ("int4", 32), ("int8", 0), ("f16", 0), ("f32", 0)]
-)
+    "fmt,group",
+    [
+        ("bf16", 0), ("int4", 128), ("int4", 32), ("int8", 0), ("f16", 0), ("f32", 0),
+        ("int4z", 128), ("fp8", 128), ("fp8", 32),
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("t", [1, 33, 256])
 def test_gpu_bf16_against_fused_moe(fmt: str, group: int, t: int) -> None:
     e, k, h, i = 16, 4, 256, 128

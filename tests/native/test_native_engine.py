@@ -2,7 +2,9 @@
 
 Shapes: T tokens, H hidden, E experts, K top-k, I expert inner size.
 The reference runs on the values the kernels compute with (`pack_unpack`: bf16-rounded or
-dequantized int8/int4 weights), so the tolerance measures the engine, not the format.
+dequantized int8/int4/int4z/fp8 weights), so the tolerance measures the engine, not the format.
+Checkpoint grids (fp8 e4m3fn bytes with per-row-per-group scales, int4z values with scales and
+offsets) are compared with torch's own dequantization of them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ def _pool(threads: int, nodes: list[int] | None = None, pinned: bool = True):
 
 
 class Experts:
-    """Random expert weights, their effective (packed-then-unpacked) values, and a layer."""
+    """Random expert weights, their effective (packed-then-unpacked) values, and a layer.
+
+    `grid`: a checkpoint's weights on the format's grid with their per-row-per-group scales
+    (`scales` = (w13 [E, 2I, H/g], w2 [E, H, I/g])) and, int4z, offsets: fp8 e4m3fn bytes, int4z
+    float q * s + m; the effective values are then torch's dequantization."""
 
     def __init__(
         self,
@@ -38,10 +44,15 @@ class Experts:
         group: int = 32,
         src: str = "bf16",
         seed: int = 0,
+        grid: bool = False,
     ) -> None:
         g = torch.Generator().manual_seed(seed)
         self.E, self.H, self.I = num_experts, hidden, inner
         self.fmt, self.group, self.src = fmt, group, src
+        self.scales = self.offsets = None
+        if grid:
+            self._make_grid(g)
+            return
         # w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], in the source dtype.
         w13 = torch.randn(num_experts, 2 * inner, hidden, generator=g) / hidden**0.5
         w2 = torch.randn(num_experts, hidden, inner, generator=g) / inner**0.5
@@ -52,9 +63,43 @@ class Experts:
                 rows, cols = w.shape
                 _E.pack_unpack(fmt, rows, cols, group, w.data_ptr(), src, eff.data_ptr())
 
+    def _make_grid(self, g: torch.Generator) -> None:
+        e, h, i, gs = self.E, self.H, self.I, self.group
+        ws, effs, scales, offsets = [], [], [], []
+        for rows, cols in ((2 * i, h), (h, i)):
+            s = (torch.rand(e, rows, cols // gs, generator=g) + 0.5) / cols**0.5
+            if self.fmt == "fp8":  # |v| <= 448: e4m3fn values times s / 64
+                s = s / 64
+                w = (torch.randn(e, rows, cols, generator=g) * 64).clamp(-448, 448)
+                w = w.to(torch.float8_e4m3fn)
+                eff = w.float() * s.repeat_interleave(gs, -1)
+            else:  # int4z: q * s + m, q in [-8, 7]
+                s = s / 4
+                m = (torch.rand(e, rows, cols // gs, generator=g) - 0.5) * s
+                q = torch.randint(-8, 8, (e, rows, cols), generator=g).float()
+                w = eff = q * s.repeat_interleave(gs, -1) + m.repeat_interleave(gs, -1)
+                offsets.append(m)
+            ws.append(w)
+            effs.append(eff)
+            scales.append(s)
+        self.w13, self.w2 = ws
+        self.w13_eff, self.w2_eff = effs
+        self.scales = tuple(scales)
+        self.offsets = tuple(offsets) if offsets else None
+        self.src = "fp8" if self.fmt == "fp8" else "f32"
+
     def layer(self, pool, loaded=None, bind: bool = True):
         layer = _E.ExpertLayer(pool, self.E, self.H, self.I, self.fmt, self.group, bind)
         experts = list(range(self.E)) if loaded is None else list(loaded)
+        if self.scales is not None:  # checkpoint grids: one batch with their scales
+            s13, s2 = ([t[e].data_ptr() for e in experts] for t in self.scales)
+            m13, m2 = [], []
+            if self.offsets is not None:
+                m13, m2 = ([t[e].data_ptr() for e in experts] for t in self.offsets)
+            w13 = [self.w13[e].data_ptr() for e in experts]
+            w2 = [self.w2[e].data_ptr() for e in experts]
+            layer.load_experts(experts, w13, w2, self.src, s13, s2, m13, m2)
+            return layer
         # The first expert one by one, the rest in one batch (packed on all workers at once).
         for e in experts[:1]:
             layer.load_expert(e, self.w13[e].data_ptr(), self.w2[e].data_ptr(), self.src)
@@ -120,7 +165,7 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref_r).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "f32", "f16"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "f32", "f16", "int4z", "fp8"])
 @pytest.mark.parametrize(("T", "K"), [(1, 1), (2, 8), (5, 2), (8, 8), (33, 8), (64, 2)])
 def test_forward_matches_reference(fmt: str, T: int, K: int) -> None:
     ex = Experts(16, 128, 64, fmt)
@@ -129,6 +174,48 @@ def test_forward_matches_reference(fmt: str, T: int, K: int) -> None:
     x = _randn(T, 128, seed=T)
     ids, w = _routing(T, 16, K)
     assert _rel_err(_forward(eng, lid, x, ids, w), ex.reference(x, ids, w)) < 1e-3
+
+
+@pytest.mark.parametrize(("fmt", "group"), [("fp8", 32), ("fp8", 128), ("int4z", 64)])
+@pytest.mark.parametrize(("T", "K"), [(1, 2), (9, 4), (33, 8)])
+def test_forward_checkpoint_grid(fmt: str, group: int, T: int, K: int) -> None:
+    """fp8 e4m3fn bytes with their scales, int4z with scales and offsets: packed as they are,
+    the layer computes with torch's dequantization of them (two simulated nodes)."""
+    ex = Experts(8, 256, 128, fmt, group=group, grid=True)
+    pool = _pool(len(_CPUS), nodes=[0, 1][: len(_CPUS)])
+    eng, lid = _engine(pool, ex.layer(pool, bind=False))
+    x = _randn(T, 256, seed=T).bfloat16()
+    ids, w = _routing(T, 8, K)
+    assert _rel_err(_forward(eng, lid, x, ids, w), ex.reference(x, ids, w)) < 1e-3
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("fmt", ["fp8", "int4z"])
+def test_cpu_expert_engine_grid_layer(fmt: str, native: bool, monkeypatch) -> None:
+    """CpuExpertEngine.add_layer with a checkpoint grid (fp8 tensors + scales, int4z values +
+    scales + offsets), on the native engine and on the torch fallback (float copies)."""
+    from twinfer.hybrid import cpu_experts
+    from twinfer.hybrid.numa import WorkerPlan
+
+    if not native:
+        monkeypatch.setattr(cpu_experts, "native_engine", None)
+    workers = WorkerPlan([[c] for c in _CPUS], [0] * len(_CPUS))
+    engine = cpu_experts.CpuExpertEngine(workers, spin_us=20, max_tokens=64)
+    assert engine.native == native
+    ex = Experts(8, 256, 128, fmt, group=128, grid=True)
+    host = engine.add_layer(ex.w13, ex.w2, fmt, 128, ex.scales, ex.offsets)
+    x = _randn(9, 256)
+    ids, w = _routing(9, 8, 2)
+    assert _rel_err(host.forward(x, w, ids), ex.reference(x, ids, w)) < 1e-5
+    w13_fp8, w2_fp8 = ex.w13.to(torch.float8_e4m3fn), ex.w2.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="fp8 expert weights need their group scales"):
+        engine.add_layer(w13_fp8, w2_fp8, "fp8", 128)
+    with pytest.raises(ValueError, match="group offsets need the int4z format"):
+        engine.add_layer(ex.w13, ex.w2, "int4", 128, ex.scales, ex.scales)
+    if native:
+        bad = (ex.scales[0][:, :, :1], ex.scales[1])
+        with pytest.raises(ValueError, match=r"w13 group scales must be \[8, 256, 2\]"):
+            engine.add_layer(ex.w13, ex.w2, fmt, 128, bad, ex.offsets)
 
 
 @pytest.mark.parametrize("hidden_dtype", ["bf16", "f16", "f32"])
@@ -282,6 +369,34 @@ def test_bad_input() -> None:
     ids[0, 1] = 3
     eng.submit(lid, 2)
     eng.wait()
+
+
+def test_grid_formats_bad_input() -> None:
+    pool = _pool(1)
+    with pytest.raises(ValueError, match="fp8 group_size 48 is not supported"):
+        _E.ExpertLayer(pool, 4, 64, 32, "fp8", 48)
+    with pytest.raises(ValueError, match="int4z needs cols divisible by group_size"):
+        _E.ExpertLayer(pool, 4, 96, 32, "int4z", 64)
+    ex = Experts(2, 64, 32, "fp8", group=32, grid=True)
+    w13, w2 = [ex.w13[0].data_ptr()], [ex.w2[0].data_ptr()]
+    s13, s2 = [ex.scales[0][0].data_ptr()], [ex.scales[1][0].data_ptr()]
+    fp8 = _E.ExpertLayer(pool, 2, 64, 32, "fp8", 32)
+    with pytest.raises(ValueError, match="fp8 weights need their group scales"):
+        fp8.load_experts([0], w13, w2, "fp8")
+    with pytest.raises(ValueError, match="fp8 weights need their group scales"):
+        fp8.load_expert(0, w13[0], w2[0], "torch.float8_e4m3fn")
+    with pytest.raises(ValueError, match="group offsets need an int4z layer"):
+        fp8.load_experts([0], w13, w2, "fp8", s13, s2, s13, s2)
+    with pytest.raises(ValueError, match="load only into an fp8 layer"):
+        _E.ExpertLayer(pool, 2, 64, 32, "int4", 32).load_experts([0], w13, w2, "fp8", s13, s2)
+    with pytest.raises(ValueError, match="group scales need an int4, int4z or fp8 layer"):
+        _E.ExpertLayer(pool, 2, 64, 32, "bf16", 32).load_experts([0], w13, w2, "f32", s13, s2)
+    with pytest.raises(ValueError, match="group offsets need an int4z layer.*group scales"):
+        _E.ExpertLayer(pool, 2, 64, 32, "int4z", 32).load_experts(
+            [0], w13, w2, "f32", [], [], s13, s2
+        )
+    fp8.load_experts([0], w13, w2, "fp8", s13, s2)
+    assert fp8.loaded == [0] and fp8.format == "fp8" and fp8.group_size == 32
 
 
 def test_stream_signal_listener() -> None:

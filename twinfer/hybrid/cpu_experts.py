@@ -35,7 +35,9 @@ _DTYPE_NAMES = {
     torch.float16: "f16",
     torch.int32: "int32",
     torch.int64: "int64",
+    torch.float8_e4m3fn: "fp8",  # weights only (fp8 layers, with their group scales)
 }
+GROUPED_FORMATS = ("int4", "int4z", "fp8")  # native formats with a scale per group of columns
 # Thread pools are a process resource: engines with the same workers share one.
 _POOLS: dict[tuple, Any] = {}
 _BANDWIDTH_BYTES = 512 * 2**20
@@ -87,6 +89,9 @@ class CpuExpertEngine:
         self._gbps: float | None = None
         self.spin_us = spin_us
         self.signals: Tensor | None = None  # pinned [ready, ..., answered]: stream signals
+        # Set by the GPU prefill streamer for the length of one long forward: its layers then
+        # run on the GPU from streamed bytes (hybrid/gpu_prefill.py).
+        self.stream_session: Any = None
 
     def __del__(self) -> None:
         # The native engine first: its listener thread polls `self.signals` until it is joined.
@@ -102,28 +107,73 @@ class CpuExpertEngine:
         w2: Tensor,
         fmt: str,
         group_size: int,
-        grid_scales: tuple[Tensor, Tensor] | None = None,
+        group_scales: tuple[Tensor, Tensor] | None = None,
+        group_offsets: tuple[Tensor, Tensor] | None = None,
     ) -> HostExperts:
         """w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I] in host memory, packed once
-        into `fmt` (native format name) on the pool's NUMA nodes. `grid_scales` (int4 only):
-        f32 group scales [E, 2I, H/g], [E, H, I/g] of weights already on an int4 grid, which
-        then pack losslessly instead of being requantized."""
+        into `fmt` (native format name: f32, bf16, f16, int8, int4, int4z, fp8) on the pool's
+        NUMA nodes. Float weights are quantized to `fmt`; float8_e4m3fn weights (fmt "fp8" only)
+        are kept as they are and need `group_scales`.
+
+        `group_scales` (int4, int4z, fp8): per-row-per-group scales [E, 2I, H/g], [E, H, I/g]
+        (g = group_size; a block-FP8 checkpoint's 128x128 block scales expanded to each row) of
+        weights already on the format's grid, which then pack losslessly instead of being
+        requantized: float w = q * s (+ m), fp8 w = v * s. `group_offsets` (int4z, with scales):
+        the m of each group, same shapes (asymmetric int4: m = (8 - zero point) * s)."""
+        grouped = fmt in GROUPED_FORMATS
+        if (group_scales is not None or w13.dtype == torch.float8_e4m3fn) and not grouped:
+            raise ValueError(
+                f"group scales and fp8 weights are for the {', '.join(GROUPED_FORMATS)} formats, "
+                f"not {fmt}"
+            )
+        if group_offsets is not None and (fmt != "int4z" or group_scales is None):
+            raise ValueError("group offsets need the int4z format and group scales")
+        if w13.dtype == torch.float8_e4m3fn and group_scales is None:
+            raise ValueError(
+                "fp8 expert weights need their group scales (group_scales=(s13, s2), f32 "
+                f"[E, 2I, H/{group_size}] and [E, H, I/{group_size}])"
+            )
         if self.engine is None:
+            if w13.dtype == torch.float8_e4m3fn:  # NOTE: float copies for the torch backend
+                w13, w2 = (
+                    w.float() * s.float().repeat_interleave(group_size, -1)
+                    for w, s in zip((w13, w2), group_scales, strict=True)
+                )
             return HostExperts(self, -1, w13.shape[2], w13.contiguous(), w2.contiguous())
         e, two_i, h = w13.shape
         layer = native_engine.ExpertLayer(
-            self.pool, e, h, two_i // 2, fmt, group_size if fmt == "int4" else 0
+            self.pool, e, h, two_i // 2, fmt, group_size if grouped else 0
         )
         w13, w2 = w13.contiguous(), w2.contiguous()
+        keep: list[Tensor] = []  # float32 copies of the scales, alive until load_experts returns
+
+        def per_group(pair: tuple[Tensor, Tensor] | None, what: str) -> list[list[int]]:
+            if pair is None:
+                return [[], []]
+            shapes = ((e, two_i, h // group_size), (e, h, two_i // 2 // group_size))
+            out = []
+            for t, shape, name in zip(pair, shapes, ("w13", "w2"), strict=True):
+                if tuple(t.shape) != shape:
+                    raise ValueError(
+                        f"{name} group {what} must be {list(shape)} (group size {group_size}), "
+                        f"got {list(t.shape)}"
+                    )
+                out.append(t.to(torch.float32).contiguous())
+            keep.extend(out)
+            return [[t[x].data_ptr() for x in range(e)] for t in out]
+
+        s13, s2 = per_group(group_scales, "scales")
+        m13, m2 = per_group(group_offsets, "offsets")
         # One call: every worker packs the experts of its node's shard (first touch on the node).
-        s13, s2 = grid_scales if grid_scales is not None else (None, None)
         layer.load_experts(
             list(range(e)),
             [w13[x].data_ptr() for x in range(e)],
             [w2[x].data_ptr() for x in range(e)],
             dtype_name(w13),
-            [] if s13 is None else [s13[x].data_ptr() for x in range(e)],
-            [] if s2 is None else [s2[x].data_ptr() for x in range(e)],
+            s13,
+            s2,
+            m13,
+            m2,
         )
         return HostExperts(self, self.engine.add_layer(layer), h, layer=layer)
 
@@ -212,6 +262,8 @@ class HostExperts:
 
     def forward(self, hidden: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
         """hidden [T, H], topk_weights [T, K], topk_ids [T, K] -> [T, H] in hidden's dtype."""
+        if self.engine.stream_session is not None:
+            return self.engine.stream_session.forward(self, hidden, topk_weights, topk_ids)
         if self.layer is None:
             return self._forward_torch(hidden, topk_weights, topk_ids)
         t = hidden.shape[0]
@@ -248,6 +300,8 @@ class HostExperts:
 
     def _forward_torch(self, hidden: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
         cpu = torch.device("cpu")
+        if self.w13.dtype != hidden.dtype:  # e.g. fp8 experts' float32 copies: converted once
+            self.w13, self.w2 = self.w13.to(hidden.dtype), self.w2.to(hidden.dtype)
         out = TorchExpertBackend().forward(
             hidden.to(cpu), topk_weights.to(cpu), topk_ids.to(cpu), self.w13, self.w2
         )

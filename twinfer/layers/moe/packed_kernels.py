@@ -2,7 +2,8 @@
 
 Shapes: `T` tokens, `H` hidden, `E` experts, `K` top-k, `I` expert inner size, `S` = T*K slots
 (slot s = t*K + k), `EM` the padded slot count, `B` = EM / block_m blocks, `R` rows (outputs)
-and `C` cols (inputs) of one packed matrix, `Kp` = C rounded up to 32, `gs` the int4 group size.
+and `C` cols (inputs) of one packed matrix, `Kp` = C rounded up to 32, `gs` the group size of
+the grouped formats (int4, int4z, fp8).
 
 GPU prefill streaming (hybrid/gpu_prefill.py) copies a host layer's packed arenas verbatim into a
 GPU uint8 buffer, so host RAM keeps one copy of the experts. The pipeline is fused_moe's
@@ -17,6 +18,12 @@ in blocks of 16 rows; row r's `lane` is r % 16 and, for expert e, its block star
   int4: group g = c // gs, j = c % gs: a 32-bit word at blk + 64 g (gs/8 + 1) + 64 (j // 8)
         + 4 lane holds 8 columns, nibble (j % 8) at bit 4 ((j % 8) // 2) + 16 (j % 2), q = nibble
         - 8; the group's f32 scale at blk + 64 g (gs/8 + 1) + 8 gs + 4 lane.
+  int4z: int4's words and scale with groups of gs/8 + 2 lines (64 g (gs/8 + 2)), the group's
+        f32 offset m after the scale (+ 8 gs + 64 + 4 lane): W = q * s + m.
+  fp8 : group g = c // gs, j = c % gs: the e4m3fn byte at blk + g (16 gs + 64) + 16 j + lane,
+        the group's f32 scale * 256 at blk + g (16 gs + 64) + 16 gs + 4 lane. The byte b decodes
+        exactly as the half ((int16) b << 7) & 0xBF80 = value * 2^-8 (pack.cpp's "FP8
+        decoding"), the 2^8 being in the stored scale.
 PackedGeometry turns a layer's shard plan into per-row tables (base, lane, estride), built once
 and kept on the GPU; the kernels load a tile's column entries once and address every (k, n)
 from them. Every lane's step is its element size, so one "column index" per row plus a per-k
@@ -45,18 +52,22 @@ from twinfer.layers.moe.triton_kernels import (
     tile_rows,
 )
 
-FORMATS = ("f32", "f16", "bf16", "int8", "int4")
-INT4_GROUP_SIZES = (32, 64, 128)
+FORMATS = ("f32", "f16", "bf16", "int8", "int4", "int4z", "fp8")
+GROUPED = ("int4", "int4z", "fp8")  # a scale (int4z: and an offset) per row per group
+GROUP_SIZES = (32, 64, 128)
 _ROW_BLOCK = 16
 _COL_PAD = 32
 # The element the kernels load per format (the buffer viewed as this dtype): bf16 pairs and int4
-# lanes are read as 32-bit words. Every lane's step in the layout is exactly this size.
+# lanes are read as 32-bit words, fp8 bytes as int8 (sign-extended by the decode). Every lane's
+# step in the layout is exactly this size.
 _LOAD_DTYPE = {
     "f32": torch.float32,
     "f16": torch.float16,
     "bf16": torch.int32,
     "int8": torch.int8,
     "int4": torch.int32,
+    "int4z": torch.int32,
+    "fp8": torch.int8,
 }
 
 
@@ -69,7 +80,9 @@ def packed_block_bytes(fmt: str, cols: int, group_size: int) -> int:
         return 32 * kp
     if fmt == "int8":
         return 16 * kp + 64
-    return cols // group_size * (group_size // 8 + 1) * 64
+    if fmt == "fp8":
+        return cols // group_size * (16 * group_size + 64)
+    return cols // group_size * (group_size // 8 + (2 if fmt == "int4z" else 1)) * 64
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -136,12 +149,12 @@ class PackedGeometry:
             raise ValueError(
                 f"num_experts, hidden and inner must be >= 1, got {num_experts}, {hidden}, {inner}"
             )
-        if fmt == "int4":
-            if group_size not in INT4_GROUP_SIZES:
-                raise ValueError(f"int4 group_size {group_size} is not one of {INT4_GROUP_SIZES}")
+        if fmt in GROUPED:
+            if group_size not in GROUP_SIZES:
+                raise ValueError(f"{fmt} group_size {group_size} is not one of {GROUP_SIZES}")
             if hidden % group_size or inner % group_size:
                 raise ValueError(
-                    f"int4 needs hidden ({hidden}) and inner ({inner}) divisible by the group "
+                    f"{fmt} needs hidden ({hidden}) and inner ({inner}) divisible by the group "
                     f"size {group_size}"
                 )
         else:
@@ -262,12 +275,36 @@ def _int4_values(word, SHIFT: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
+def _fp8_values(byte, dtype: tl.constexpr):
+    """e4m3fn bytes (int8) -> value * 2^-8, exact in `dtype`: the sign-extended byte shifted
+    left 7 and masked is that value's IEEE half (pack.cpp's "FP8 decoding"), integer ops only."""
+    bits = ((byte.to(tl.int16) << 7) & -16512).to(tl.int16)  # -16512 = 0xBF80 as an int16
+    half = bits.to(tl.float16, bitcast=True)
+    if dtype == tl.float16:
+        return half
+    return half.to(dtype)
+
+
+@triton.jit
+def _group_line(k, GS: tl.constexpr, FMT: tl.constexpr):
+    """Grouped formats: the offset (in load-dtype elements from a row's column 0) of the 16-lane
+    line holding column k (int4/int4z: its word of 8 columns), and of its group's scale line."""
+    if FMT == "fp8":
+        group = k // GS * (16 * GS + 64)  # bytes
+        return group + k % GS * 16, group + 16 * GS
+    else:
+        group = k // GS * ((GS // 8 + (2 if FMT == "int4z" else 1)) * 16)  # 32-bit words
+        return group + k % GS // 8 * 16, group + GS // 8 * 16
+
+
+@triton.jit
 def _weight_tile(
     w_ptr, col, k0, K, dtype: tl.constexpr,
     FMT: tl.constexpr, GS: tl.constexpr, MASKED: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """[BLOCK_K, BLOCK_N] weights W[n][k0 + i] in `dtype` (int8/int4: the integer q, exact).
+    """[BLOCK_K, BLOCK_N] weights W[n][k0 + i] in `dtype` (int8/int4/int4z: the integer q,
+    fp8: value * 2^-8, exact).
 
     NOTE: bf16 and int4 load each 32-bit word once, as a [BLOCK_K / 2 or / 8, BLOCK_N] tile (16
     lanes = 64 contiguous bytes along N), and unpack it in registers: tl.join stacks the 2 (8)
@@ -280,9 +317,12 @@ def _weight_tile(
     if FMT == "bf16":
         kw = k0 + tl.arange(0, BLOCK_K // 2) * 2  # the first of each word's two columns
         line = kw // 2 * 16  # 64-byte lines of column pairs
-    elif FMT == "int4":
+    elif FMT == "int4" or FMT == "int4z":
         kw = k0 + tl.arange(0, BLOCK_K // 8) * 8  # the first of each word's eight columns
-        line = kw // GS * ((GS // 8 + 1) * 16) + kw % GS // 8 * 16  # groups of gs/8 + 1 lines
+        line, _ = _group_line(kw, GS, FMT)  # groups of gs/8 + 1 (int4z: + 2) lines
+    elif FMT == "fp8":
+        kw = k0 + tl.arange(0, BLOCK_K)
+        line, _ = _group_line(kw, GS, FMT)  # groups of gs 16-byte lines and a scale line
     else:
         kw = k0 + tl.arange(0, BLOCK_K)
         line = kw * 16  # f32 64-byte, f16 32-byte, int8 16-byte lines
@@ -298,7 +338,7 @@ def _weight_tile(
             hi = (w & -65536).to(tl.float32, bitcast=True).to(dtype)
         pairs = tl.permute(tl.join(lo, hi), (0, 2, 1))  # [BLOCK_K / 2, 2, BLOCK_N]
         return tl.reshape(pairs, [BLOCK_K, BLOCK_N])
-    elif FMT == "int4":
+    elif FMT == "int4" or FMT == "int4z":
         # Column m of a word (m = 4a + 2b + c) sits at bit 4 (m // 2) + 16 (m % 2); the joins
         # put c, then b, then a on new last axes.
         q = tl.join(
@@ -313,6 +353,8 @@ def _weight_tile(
         )  # [BLOCK_K / 8, BLOCK_N, c, b, a]
         q = tl.permute(q, (0, 4, 3, 2, 1))  # [BLOCK_K / 8, a, b, c, BLOCK_N]
         return tl.reshape(q, [BLOCK_K, BLOCK_N])
+    elif FMT == "fp8":
+        return _fp8_values(w, dtype)
     else:
         return w.to(dtype)  # f32/f16 weights round to the activations' dtype; int8 q is exact
 
@@ -333,7 +375,7 @@ def _packed_gemm_kernel(
     and up tables with N = I, K = H: c[slot, n] = silu(a @ gate[e, n]) * (a @ up[e, n]) ->
     act [S, I]. Not GATED (down): a = act [S, I] read at row slot, tab the down table with
     N = H, K = I: c[slot, n] = topk_weights[slot] * (a @ down[e, n]) -> [S, H].
-    w_ptr is the buffer viewed as the load dtype, s_ptr as float32 (int8/int4 scales).
+    w_ptr is the buffer viewed as the load dtype, s_ptr as float32 (scales and offsets).
     """
     pid_m, pid_n = grouped_tile(em, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
@@ -351,11 +393,24 @@ def _packed_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # NOTE: int4 keeps BLOCK_K dividing gs (the launcher caps it), so a k-step lies in one group
-    # and K % BLOCK_K == 0: dot(a, q) on exact integers, then times the (row, group) scale in
-    # float32. Packed rows are zero past C, but a ragged last step can still reach past the
-    # block (or the buffer), so it is masked like fused_moe's.
+    # NOTE: the grouped formats keep BLOCK_K dividing gs (the launcher caps it), so a k-step lies
+    # in one group and K % BLOCK_K == 0: dot(a, q) on exact integers (fp8: exact v * 2^-8), then
+    # times the (row, group) scale in float32; int4z adds m * (the step's sum of a). Packed rows
+    # are zero past C, but a ragged last step can still reach past the block (or the buffer), so
+    # it is masked like fused_moe's.
     MASKED: tl.constexpr = K % BLOCK_K != 0
+    GROUPED: tl.constexpr = FMT == "int4" or FMT == "int4z" or FMT == "fp8"
+    if GROUPED:
+        # Scale lines are addressed in f32 units: int4 columns are already 32-bit words, fp8
+        # columns bytes (the block's base / 4 plus the lane).
+        if FMT == "fp8":
+            s_col = (blk >> 2) + (col - blk)
+            if GATED:
+                s_col_up = (blk_up >> 2) + (col_up - blk_up)
+        else:
+            s_col = col
+            if GATED:
+                s_col_up = col_up
     for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         k0 = k * BLOCK_K
         if MASKED:
@@ -365,12 +420,19 @@ def _packed_gemm_kernel(
         w = _weight_tile(w_ptr, col, k0, K, a.dtype, FMT, GS, MASKED, BLOCK_K, BLOCK_N)
         if GATED:
             w_up = _weight_tile(w_ptr, col_up, k0, K, a.dtype, FMT, GS, MASKED, BLOCK_K, BLOCK_N)
-        if FMT == "int4":
-            s_off = k0 // GS * ((GS // 8 + 1) * 16) + GS // 8 * 16  # the group's scale line
-            acc += tl.dot(a, w, input_precision=PRECISION) * tl.load(s_ptr + col + s_off)[None, :]
+        if GROUPED:
+            _, s_off = _group_line(k0, GS, FMT)  # the group's scale line
+            if FMT == "fp8":
+                s_off = s_off >> 2  # bytes -> f32 units (16 gs + 64 per group: a multiple of 4)
+            acc += tl.dot(a, w, input_precision=PRECISION) * tl.load(s_ptr + s_col + s_off)[None, :]
             if GATED:
                 part = tl.dot(a, w_up, input_precision=PRECISION)
-                acc_up += part * tl.load(s_ptr + col_up + s_off)[None, :]
+                acc_up += part * tl.load(s_ptr + s_col_up + s_off)[None, :]
+            if FMT == "int4z":  # + m * sum(a) over the step's columns (all in this group)
+                a_sum = tl.sum(a.to(tl.float32), axis=1)[:, None]  # [BLOCK_M, 1]
+                acc += a_sum * tl.load(s_ptr + s_col + s_off + 16)[None, :]
+                if GATED:
+                    acc_up += a_sum * tl.load(s_ptr + s_col_up + s_off + 16)[None, :]
         else:
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
             if GATED:
@@ -391,7 +453,7 @@ def _packed_gemm_kernel(
 
 # Shared-memory bytes per weight of a tile as loaded: the packed bytes (bf16 pairs and int4
 # words hold 2 and 8 weights), scales aside.
-_TILE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
+_TILE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "int8": 1, "int4": 0.5, "int4z": 0.5, "fp8": 1}
 
 
 def _fit_smem_packed(cfg: GemmConfig, block_m: int, gated: bool, a: Tensor, fmt: str) -> GemmConfig:
@@ -429,14 +491,14 @@ def _launch_packed_gemm(
 ) -> None:
     sorted_ids, expert_ids, num_post = align
     fmt = geom.fmt
-    if fmt == "int4":  # a k-step within one group (block_k and gs are powers of two)
+    if fmt in GROUPED:  # a k-step within one group (block_k and gs are powers of two)
         cfg = replace(cfg, block_k=min(cfg.block_k, geom.group_size))
     cfg = _fit_smem_packed(cfg, block_m, gated, a, fmt)
     n, k = (geom.inner, geom.hidden) if gated else (geom.hidden, geom.inner)
     em = sorted_ids.numel()
     buf = buf[: geom.nbytes]  # a multiple of 64 bytes: viewable as any of the load dtypes
     w = buf.view(_LOAD_DTYPE[fmt])
-    s = buf.view(torch.float32) if fmt in ("int8", "int4") else w
+    s = buf.view(torch.float32) if fmt in ("int8", *GROUPED) else w
     tab, tab_up = (geom.gate, geom.up) if gated else (geom.down, geom.down)
     grid = (em // block_m * triton.cdiv(n, cfg.block_n),)
     _packed_gemm_kernel[grid](
@@ -506,8 +568,9 @@ def fused_moe_packed(
     (uint8, >= geom.nbytes, laid out as geom says, tables on the same device) -> [T, H] in
     hidden's dtype: sum_k w_k * down(silu(gate(x)) * up(x)), fused_moe's math and roundings.
 
-    Weights are converted to hidden's dtype in the kernel (int8/int4 as exact integers, the
-    scales applied in float32); ids must be in [0, E) (not checked: no host sync).
+    Weights are converted to hidden's dtype in the kernel (int8/int4/int4z as exact integers,
+    fp8 as exact value * 2^-8, the scales (and int4z's offsets) applied in float32); ids must be
+    in [0, E) (not checked: no host sync).
     """
     _check_inputs(hidden, topk_weights, topk_ids, buf, geom)
     t, h = hidden.shape

@@ -40,7 +40,7 @@ WFormat parse_format(const std::string& name) {
   WFormat f;
   if (!wformat_from_name(name, &f))
     throw std::invalid_argument("weight format '" + name +
-                                "' is not one of f32, bf16, f16, int8, int4");
+                                "' is not one of f32, bf16, f16, int8, int4, fp8, int4z");
   return f;
 }
 
@@ -54,14 +54,14 @@ PackedLayout layout(const std::string& fmt, int rows, int cols, int group_size) 
     throw std::invalid_argument("rows and cols must be >= 1 (got " + std::to_string(rows) + ", " +
                                 std::to_string(cols) + ")");
   const WFormat f = parse_format(fmt);
-  return packed_layout(f, rows, cols, f == WFormat::INT4 ? group_size : 0);
+  return packed_layout(f, rows, cols, is_grouped(f) ? group_size : 0);
 }
 
 WFormat weight_dtype(const std::string& name) {
-  const DType dt = parse_dtype(name, "weight");
-  if (dt == DType::I32 || dt == DType::I64)
-    throw std::invalid_argument("weight dtype must be f32, bf16 or f16, got " + name);
-  return wformat_of(dt);
+  WFormat f;
+  if (!weight_source_from_name(name, &f))
+    throw std::invalid_argument("weight dtype '" + name + "' is not one of f32, bf16, f16, fp8");
+  return f;
 }
 
 nb::dict cpu_features_dict() {
@@ -76,13 +76,17 @@ nb::dict cpu_features_dict() {
   return d;
 }
 
+// Grouped formats: group_scales / group_offsets (0: none, the format derives them) are f32
+// [rows, cols / group_size] (see pack_matrix).
 void pack_unpack(const std::string& fmt, int rows, int cols, int group_size, uintptr_t src,
-                 const std::string& src_dtype, uintptr_t out, uintptr_t group_scales) {
+                 const std::string& src_dtype, uintptr_t out, uintptr_t group_scales,
+                 uintptr_t group_offsets) {
   const PackedLayout lay = layout(fmt, rows, cols, group_size);
   Scratch<uint8_t> packed;
   packed.grow(lay.bytes);
-  const auto* scales = reinterpret_cast<const float*>(group_scales);  // 0: absmax / 7
-  pack_matrix(lay, ptr(src, "src"), weight_dtype(src_dtype), cols, packed.data(), scales);
+  pack_matrix(lay, ptr(src, "src"), weight_dtype(src_dtype), cols, packed.data(),
+              reinterpret_cast<const float*>(group_scales),
+              reinterpret_cast<const float*>(group_offsets));
   unpack_matrix(lay, packed.data(), static_cast<float*>(const_cast<void*>(ptr(out, "out"))));
 }
 
@@ -90,14 +94,16 @@ void pack_unpack(const std::string& fmt, int rows, int cols, int group_size, uin
 // bf16-consuming paths get tested; threads_split checks that a row split keeps the bits.
 void matmul(const std::string& fmt, int rows, int cols, int group_size, uintptr_t w,
             const std::string& w_dtype, uintptr_t x, int n, uintptr_t y, const std::string& isa,
-            int threads_split, bool x_bf16) {
+            int threads_split, bool x_bf16, uintptr_t group_scales, uintptr_t group_offsets) {
   const PackedLayout lay = layout(fmt, rows, cols, group_size);
   if (n < 0) throw std::invalid_argument("n must be >= 0");
   if (threads_split < 1) throw std::invalid_argument("threads_split must be >= 1");
   const Isa use = resolve_isa(isa);
   Scratch<uint8_t> packed;
   packed.grow(lay.bytes);
-  pack_matrix(lay, ptr(w, "w"), weight_dtype(w_dtype), cols, packed.data());
+  pack_matrix(lay, ptr(w, "w"), weight_dtype(w_dtype), cols, packed.data(),
+              reinterpret_cast<const float*>(group_scales),
+              reinterpret_cast<const float*>(group_offsets));
   const auto* xf = static_cast<const float*>(ptr(x, "x"));
   auto* yf = static_cast<float*>(const_cast<void*>(ptr(y, "y")));
   Scratch<uint16_t> xb;
@@ -212,10 +218,11 @@ NB_MODULE(_engine, m) {
     return layout(fmt, rows, cols, group_size).bytes;
   }, "fmt"_a, "rows"_a, "cols"_a, "group_size"_a = 128);
   m.def("pack_unpack", &pack_unpack, "fmt"_a, "rows"_a, "cols"_a, "group_size"_a, "src_ptr"_a,
-        "src_dtype"_a, "out_f32_ptr"_a, "group_scales_ptr"_a = uintptr_t{0}, Release());
+        "src_dtype"_a, "out_f32_ptr"_a, "group_scales_ptr"_a = uintptr_t{0},
+        "group_offsets_ptr"_a = uintptr_t{0}, Release());
   m.def("matmul", &matmul, "fmt"_a, "rows"_a, "cols"_a, "group_size"_a, "w_ptr"_a, "w_dtype"_a,
         "x_ptr"_a, "n"_a, "y_ptr"_a, "isa"_a = "", "threads_split"_a = 1, "x_bf16"_a = true,
-        Release());
+        "group_scales_ptr"_a = uintptr_t{0}, "group_offsets_ptr"_a = uintptr_t{0}, Release());
 
   nb::class_<ThreadPool>(m, "ThreadPool")
       .def(nb::init<const std::vector<std::vector<int>>&, const std::vector<int>&, int>(),
@@ -236,26 +243,31 @@ NB_MODULE(_engine, m) {
            "bind_memory"_a = true, nb::keep_alive<1, 2>())
       .def("load_expert",
            [](ExpertLayer& l, int e, uintptr_t w13, uintptr_t w2, const std::string& dt) {
-             const DType d = parse_dtype(dt, "src");
-             l.load_experts({e}, {ptr(w13, "w13")}, {ptr(w2, "w2")}, d);
+             l.load_experts({e}, {ptr(w13, "w13")}, {ptr(w2, "w2")}, weight_dtype(dt));
            },
            "e"_a, "w13_ptr"_a, "w2_ptr"_a, "src_dtype"_a, Release())
       .def("load_experts",
            [](ExpertLayer& l, const std::vector<int>& experts, const std::vector<uintptr_t>& w13,
               const std::vector<uintptr_t>& w2, const std::string& dt,
-              const std::vector<uintptr_t>& w13_scales, const std::vector<uintptr_t>& w2_scales) {
-             const DType d = parse_dtype(dt, "src");
+              const std::vector<uintptr_t>& w13_scales, const std::vector<uintptr_t>& w2_scales,
+              const std::vector<uintptr_t>& w13_offsets, const std::vector<uintptr_t>& w2_offsets) {
+             const WFormat src = weight_dtype(dt);
              std::vector<const void*> a, b;
              for (uintptr_t p : w13) a.push_back(ptr(p, "w13"));
              for (uintptr_t p : w2) b.push_back(ptr(p, "w2"));
-             std::vector<const float*> sa, sb;
-             for (uintptr_t p : w13_scales) sa.push_back(static_cast<const float*>(ptr(p, "w13_scales")));
-             for (uintptr_t p : w2_scales) sb.push_back(static_cast<const float*>(ptr(p, "w2_scales")));
-             l.load_experts(experts, a, b, d, sa, sb);
+             auto floats = [](const std::vector<uintptr_t>& ps, const char* what) {
+               std::vector<const float*> out;
+               for (uintptr_t p : ps) out.push_back(static_cast<const float*>(ptr(p, what)));
+               return out;
+             };
+             l.load_experts(experts, a, b, src, floats(w13_scales, "w13_scales"),
+                            floats(w2_scales, "w2_scales"), floats(w13_offsets, "w13_offsets"),
+                            floats(w2_offsets, "w2_offsets"));
            },
            "experts"_a, "w13_ptrs"_a, "w2_ptrs"_a, "src_dtype"_a,
            "w13_scale_ptrs"_a = std::vector<uintptr_t>{}, "w2_scale_ptrs"_a = std::vector<uintptr_t>{},
-           Release())
+           "w13_offset_ptrs"_a = std::vector<uintptr_t>{},
+           "w2_offset_ptrs"_a = std::vector<uintptr_t>{}, Release())
       .def_prop_ro("bytes", &ExpertLayer::bytes)
       .def_prop_ro("loaded", &ExpertLayer::loaded_list)
       .def_prop_ro("format", [](const ExpertLayer& l) { return wformat_name(l.format()); })

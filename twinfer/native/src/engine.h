@@ -36,9 +36,13 @@ enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, I32 = 3, I64 = 4 };
 bool dtype_from_name(std::string_view name, DType* out);
 size_t dtype_bytes(DType dt);
 const char* dtype_name(DType dt);
-bool wformat_from_name(std::string_view name, WFormat* out);  // f32, bf16, f16, int8, int4
+// Weight formats by name: f32, bf16, f16, int8, int4, fp8, int4z.
+bool wformat_from_name(std::string_view name, WFormat* out);
 const char* wformat_name(WFormat f);
 WFormat wformat_of(DType dt);  // F32/BF16/F16 source dtypes
+// A weight source dtype (pack_matrix's src_dtype): the float names of dtype_from_name, or "fp8" /
+// "float8_e4m3fn" (e4m3fn bytes), with or without a "torch." prefix.
+bool weight_source_from_name(std::string_view name, WFormat* out);
 
 inline uint32_t f32_bits(float f) {
   uint32_t u;
@@ -141,16 +145,21 @@ class ExpertLayer {
  public:
   ExpertLayer(ThreadPool& pool, int num_experts, int hidden, int inner, WFormat fmt,
               int group_size, bool bind_memory);
-  // Per expert experts[j]: w13[j] [2I, H], w2[j] [H, I] contiguous, src_dtype F32/BF16/F16.
+  // Per expert experts[j]: w13[j] [2I, H], w2[j] [H, I] contiguous, src F32/BF16/F16 or FP8
+  // (e4m3fn bytes: fp8 layers, scales required).
   // Packs on the workers of each shard's node (first touch there). Throws std::invalid_argument.
   // NOTE: load before stepping: a load and a step are both pool jobs and never overlap, but a
   // step's submitter reads the loaded flags without a lock.
-  // w13_scales / w2_scales (INT4 layers, optional): per expert, f32 group scales of w13 [2I, H/gs]
-  // and w2 [H, I/gs] for weights already on an int4 grid (see pack_matrix's group_scales).
+  // w13_scales / w2_scales (grouped layers: int4, int4z, fp8; optional except for fp8 bytes):
+  // per expert, f32 group scales of w13 [2I, H/gs] and w2 [H, I/gs] of weights already on the
+  // format's grid; w13_offsets / w2_offsets (int4z, with scales; optional) their m, same shapes
+  // (see pack_matrix's group_scales / group_offsets).
   void load_experts(const std::vector<int>& experts, const std::vector<const void*>& w13,
-                    const std::vector<const void*>& w2, DType src_dtype,
+                    const std::vector<const void*>& w2, WFormat src,
                     const std::vector<const float*>& w13_scales = {},
-                    const std::vector<const float*>& w2_scales = {});
+                    const std::vector<const float*>& w2_scales = {},
+                    const std::vector<const float*>& w13_offsets = {},
+                    const std::vector<const float*>& w2_offsets = {});
   ExpertLayer(const ExpertLayer&) = delete;
   ExpertLayer& operator=(const ExpertLayer&) = delete;
 

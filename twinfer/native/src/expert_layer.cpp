@@ -19,11 +19,11 @@ namespace {
 size_t align64(size_t n) { return (n + 63) / 64 * 64; }
 
 PackedLayout layout_or_empty(WFormat fmt, int rows, int cols, int group) {
-  if (rows > 0) return packed_layout(fmt, rows, cols, fmt == WFormat::INT4 ? group : 0);
+  if (rows > 0) return packed_layout(fmt, rows, cols, is_grouped(fmt) ? group : 0);
   PackedLayout lay;  // a node with no rows of this matrix (tiny shapes): nothing to pack
   lay.format = fmt;
   lay.cols = cols;
-  lay.group_size = fmt == WFormat::INT4 ? group : 0;
+  lay.group_size = is_grouped(fmt) ? group : 0;
   return lay;
 }
 
@@ -61,19 +61,29 @@ const char* dtype_name(DType dt) {
 bool wformat_from_name(std::string_view name, WFormat* out) {
   static const std::pair<std::string_view, WFormat> kNames[] = {
       {"f32", WFormat::F32}, {"bf16", WFormat::BF16}, {"f16", WFormat::F16},
-      {"int8", WFormat::INT8}, {"int4", WFormat::INT4}};
+      {"int8", WFormat::INT8}, {"int4", WFormat::INT4}, {"fp8", WFormat::FP8},
+      {"int4z", WFormat::INT4Z}};
   for (const auto& [n, f] : kNames)
     if (n == name) return *out = f, true;
   return false;
 }
 
 const char* wformat_name(WFormat f) {
-  static const char* kNames[] = {"f32", "bf16", "f16", "int8", "int4"};
+  static const char* kNames[] = {"f32", "bf16", "f16", "int8", "int4", "fp8", "int4z"};
   return kNames[static_cast<int>(f)];
 }
 
 WFormat wformat_of(DType dt) {
   return dt == DType::F32 ? WFormat::F32 : dt == DType::F16 ? WFormat::F16 : WFormat::BF16;
+}
+
+bool weight_source_from_name(std::string_view name, WFormat* out) {
+  std::string_view bare = name.substr(0, 6) == "torch." ? name.substr(6) : name;
+  if (bare == "fp8" || bare == "float8_e4m3fn" || bare == "f8e4m3")
+    return *out = WFormat::FP8, true;
+  DType dt;
+  if (!dtype_from_name(name, &dt) || dt == DType::I32 || dt == DType::I64) return false;
+  return *out = wformat_of(dt), true;
 }
 
 Isa resolve_isa(std::string_view requested) {
@@ -102,7 +112,7 @@ Isa resolve_isa(std::string_view requested) {
 ExpertLayer::ExpertLayer(ThreadPool& pool, int num_experts, int hidden, int inner, WFormat fmt,
                          int group_size, bool bind_memory)
     : pool_(pool), E_(num_experts), H_(hidden), I_(inner), fmt_(fmt),
-      group_(fmt == WFormat::INT4 ? group_size : 0) {
+      group_(is_grouped(fmt) ? group_size : 0) {
   if (E_ < 1 || H_ < 1 || I_ < 1)
     throw std::invalid_argument("ExpertLayer: num_experts, hidden and inner must be >= 1 (got " +
                                 str(E_) + ", " + str(H_) + ", " + str(I_) + ")");
@@ -140,24 +150,39 @@ ExpertLayer::ExpertLayer(ThreadPool& pool, int num_experts, int hidden, int inne
 
 void ExpertLayer::load_experts(const std::vector<int>& experts,
                                const std::vector<const void*>& w13,
-                               const std::vector<const void*>& w2, DType src_dtype,
+                               const std::vector<const void*>& w2, WFormat src,
                                const std::vector<const float*>& w13_scales,
-                               const std::vector<const float*>& w2_scales) {
+                               const std::vector<const float*>& w2_scales,
+                               const std::vector<const float*>& w13_offsets,
+                               const std::vector<const float*>& w2_offsets) {
+  const std::string fmt = wformat_name(fmt_);
   if (w13.size() != experts.size() || w2.size() != experts.size())
     throw std::invalid_argument("load_experts: experts, w13 and w2 need one entry each");
   const bool grid = !w13_scales.empty() || !w2_scales.empty();
-  if (grid && (fmt_ != WFormat::INT4 || w13_scales.size() != experts.size() ||
+  const bool offs = !w13_offsets.empty() || !w2_offsets.empty();
+  if (grid && (!is_grouped(fmt_) || w13_scales.size() != experts.size() ||
                w2_scales.size() != experts.size()))
     throw std::invalid_argument(
-        "load_experts: group scales need an int4 layer and one w13 and one w2 entry per expert");
+        "load_experts: group scales need an int4, int4z or fp8 layer (this one is " + fmt +
+        ") and one w13 and one w2 entry per expert");
+  if (offs && (fmt_ != WFormat::INT4Z || !grid || w13_offsets.size() != experts.size() ||
+               w2_offsets.size() != experts.size()))
+    throw std::invalid_argument(
+        "load_experts: group offsets need an int4z layer (this one is " + fmt +
+        "), group scales, and one w13 and one w2 entry per expert");
   for (int e : experts)
     if (e < 0 || e >= E_)
       throw std::invalid_argument("load_expert: expert " + str(e) + " is outside [0, " +
                                   str(E_) + ")");
-  if (src_dtype != DType::F32 && src_dtype != DType::BF16 && src_dtype != DType::F16)
-    throw std::invalid_argument("load_expert: src_dtype must be f32, bf16 or f16");
-  const WFormat sf = wformat_of(src_dtype);
-  const size_t eb = dtype_bytes(src_dtype);
+  if (src != WFormat::F32 && src != WFormat::BF16 && src != WFormat::F16 && src != WFormat::FP8)
+    throw std::invalid_argument("load_expert: src_dtype must be f32, bf16, f16 or fp8");
+  if (src == WFormat::FP8 && fmt_ != WFormat::FP8)
+    throw std::invalid_argument("load_expert: fp8 weights load only into an fp8 layer (this one "
+                                "is " + fmt + "); pass float weights to quantize to " + fmt);
+  if (src == WFormat::FP8 && !grid)
+    throw std::invalid_argument("load_expert: fp8 weights need their group scales (w13 [2I, H/" +
+                                str(group_) + "], w2 [H, I/" + str(group_) + "] f32 per expert)");
+  const size_t eb = src == WFormat::F32 ? 4 : src == WFormat::FP8 ? 1 : 2;
   std::mutex mu;
   std::string err;
   // The workers of each shard's node pack its matrices (3 per expert, dealt round-robin): the
@@ -170,20 +195,23 @@ void ExpertLayer::load_experts(const std::vector<int>& experts,
       auto* blk = static_cast<uint8_t*>(s.arena.data()) + s.stride * experts[j];
       const auto* a = static_cast<const uint8_t*>(w13[j]);
       const auto* b = static_cast<const uint8_t*>(w2[j]);
-      // A shard's rows of the group scales, as of the weights (gate and up I rows apart).
+      // A shard's rows of the group scales / offsets, as of the weights (gate and up I rows apart).
       const size_t gh = grid ? size_t(H_ / group_) : 0, gi = grid ? size_t(I_ / group_) : 0;
       const float* sa = grid ? w13_scales[j] : nullptr;
       const float* sb = grid ? w2_scales[j] : nullptr;
+      const float* ma = offs ? w13_offsets[j] : nullptr;
+      const float* mb = offs ? w2_offsets[j] : nullptr;
+      auto rows = [](const float* p, size_t row, size_t n) { return p ? p + row * n : nullptr; };
       try {
         if (task % 3 == 0 && s.gate.rows > 0)
-          pack_matrix(s.gate, a + size_t(s.i0) * H_ * eb, sf, H_, blk,
-                      sa ? sa + size_t(s.i0) * gh : nullptr);
+          pack_matrix(s.gate, a + size_t(s.i0) * H_ * eb, src, H_, blk, rows(sa, s.i0, gh),
+                      rows(ma, s.i0, gh));
         if (task % 3 == 1 && s.up.rows > 0)
-          pack_matrix(s.up, a + size_t(I_ + s.i0) * H_ * eb, sf, H_, blk + s.up_off,
-                      sa ? sa + size_t(I_ + s.i0) * gh : nullptr);
+          pack_matrix(s.up, a + size_t(I_ + s.i0) * H_ * eb, src, H_, blk + s.up_off,
+                      rows(sa, I_ + s.i0, gh), rows(ma, I_ + s.i0, gh));
         if (task % 3 == 2 && s.down.rows > 0)
-          pack_matrix(s.down, b + size_t(s.h0) * I_ * eb, sf, I_, blk + s.down_off,
-                      sb ? sb + size_t(s.h0) * gi : nullptr);
+          pack_matrix(s.down, b + size_t(s.h0) * I_ * eb, src, I_, blk + s.down_off,
+                      rows(sb, s.h0, gi), rows(mb, s.h0, gi));
       } catch (const std::exception& ex) {  // never let an exception out of a worker
         std::lock_guard<std::mutex> lock(mu);
         err = ex.what();

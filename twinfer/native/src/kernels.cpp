@@ -4,9 +4,11 @@
 // y[t * ldy + (r - r0)] = dot(W[r, :], x_t) for r in [r0, r1), t in [0, n).
 //
 // NOTE: compiled with baseline flags: no intrinsics here, so this file (and the scalar path) runs
-// on any x86-64. The scalar kernel sums each row in column order (per group for INT4, then times
-// the scale), independent of [r0, r1) like every kernel.
+// on any x86-64. The scalar kernel sums each row in column order (per group for the grouped
+// formats, then times the scale; INT4Z adds m * sum(x_g)), independent of [r0, r1) like every
+// kernel. FP8 decodes in software with the same f16 trick as the SIMD kernels (pack.cpp).
 #include <cstdlib>
+#include <vector>
 
 #include "kernels_impl.h"
 
@@ -40,9 +42,16 @@ float f16_bits_to_f32(uint32_t h) {  // same as pack.cpp's, kept local (baseline
   return f;
 }
 
-// One row's dot product with one token, read straight from the packed block.
+// e4m3fn byte -> f32 value * 2^-8 (pack.cpp's "FP8 decoding").
+float e4m3_scaled(uint8_t b) {
+  return f16_bits_to_f32(
+      static_cast<uint16_t>(static_cast<int16_t>(static_cast<uint16_t>(b) << 8) >> 1) & 0xBF80u);
+}
+
+// One row's dot product with one token, read straight from the packed block. `xsum`: the token's
+// per-group sums of x (INT4Z only).
 float dot_row(const PackedLayout& lay, const detail::Geom& g, const uint8_t* blk, int i,
-              const float* x) {
+              const float* x, const float* xsum) {
   const int C = lay.cols;
   float acc = 0.f;
   switch (lay.format) {
@@ -66,7 +75,8 @@ float dot_row(const PackedLayout& lay, const detail::Geom& g, const uint8_t* blk
       for (int c = 0; c < C; ++c) acc += static_cast<float>(p[c * 16 + i]) * x[c];
       return acc * reinterpret_cast<const float*>(blk + 16 * static_cast<size_t>(g.kp))[i];
     }
-    case WFormat::INT4: {
+    case WFormat::INT4:
+    case WFormat::INT4Z: {
       const int gs = lay.group_size;
       for (int gi = 0; gi < g.groups; ++gi) {
         const uint8_t* grp = blk + static_cast<size_t>(gi) * g.group_bytes;
@@ -78,7 +88,20 @@ float dot_row(const PackedLayout& lay, const detail::Geom& g, const uint8_t* blk
           const int q = static_cast<int>((lane >> (4 * ((c % 8) / 2) + 16 * (c & 1))) & 0xfu) - 8;
           ga += static_cast<float>(q) * xg[c];
         }
-        acc += ga * reinterpret_cast<const float*>(grp + static_cast<size_t>(gs / 8) * 64)[i];
+        const float* sc = reinterpret_cast<const float*>(grp + g.scale_off);
+        acc += ga * sc[i];
+        if (lay.format == WFormat::INT4Z) acc += xsum[gi] * sc[16 + i];
+      }
+      return acc;
+    }
+    case WFormat::FP8: {
+      const int gs = lay.group_size;
+      for (int gi = 0; gi < g.groups; ++gi) {
+        const uint8_t* grp = blk + static_cast<size_t>(gi) * g.group_bytes;
+        const float* xg = x + gi * gs;
+        float ga = 0.f;
+        for (int c = 0; c < gs; ++c) ga += e4m3_scaled(grp[16 * c + i]) * xg[c];
+        acc += ga * reinterpret_cast<const float*>(grp + g.scale_off)[i];
       }
       return acc;
     }
@@ -103,11 +126,19 @@ void matmul_scalar(const PackedLayout& lay, const void* packed, int r0, int r1,
                    const Activations& x, float* y, int ldy) {
   const Geom g = geom(lay);
   const auto* base = static_cast<const uint8_t*>(packed);
+  std::vector<float> xsum;  // INT4Z: [n, G] sums of x per group, once per call
+  if (lay.format == WFormat::INT4Z) {
+    xsum.assign(static_cast<size_t>(x.n) * g.groups, 0.f);
+    for (int t = 0; t < x.n; ++t)
+      for (int c = 0; c < lay.cols; ++c)
+        xsum[size_t(t) * g.groups + c / lay.group_size] += x.f32[size_t(t) * x.ld + c];
+  }
   for (int r = r0; r < r1; ++r) {
     const uint8_t* blk = base + static_cast<size_t>(r / kRowBlock) * g.block_bytes;
     for (int t = 0; t < x.n; ++t)
       y[static_cast<size_t>(t) * ldy + (r - r0)] =
-          dot_row(lay, g, blk, r % kRowBlock, x.f32 + static_cast<size_t>(t) * x.ld);
+          dot_row(lay, g, blk, r % kRowBlock, x.f32 + static_cast<size_t>(t) * x.ld,
+                  xsum.empty() ? nullptr : xsum.data() + static_cast<size_t>(t) * g.groups);
   }
 }
 
@@ -118,7 +149,8 @@ void matmul_rows(Isa isa, const PackedLayout& lay, const void* packed, int r0, i
   if (r1 <= r0 || x.n <= 0) return;
   // NOTE: avx512 and avx512_bf16 share one kernel: its f32 FMAs on exactly widened weights are as
   // fast as vdpbf16ps with the hi/lo activation split that the 1e-3 accuracy needs. amx adds tile
-  // kernels for BF16/INT8/INT4 from a few tokens up and falls back to the AVX-512 one otherwise.
+  // kernels for BF16/INT8/INT4 from a few tokens up and falls back to the AVX-512 one otherwise
+  // (always for F32/F16/FP8/INT4Z).
   switch (isa) {
     case Isa::Amx:
       if (detail::matmul_amx(lay, packed, r0, r1, x, y, ldy)) return;

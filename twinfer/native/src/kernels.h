@@ -27,16 +27,24 @@ Isa best_isa(const CpuFeatures& f);
 const char* isa_name(Isa isa);  // "scalar", "avx2", "avx512", "avx512_bf16", "amx"
 bool isa_from_name(const char* name, Isa* out);
 
-// Weight formats. F32/BF16/F16 keep the values; INT8 is symmetric per row (scale = absmax / 127);
-// INT4 is symmetric per group of `group_size` consecutive inputs of a row (scale = absmax / 7,
-// q in [-8, 7]), group_size in {32, 64, 128}.
-enum class WFormat : int { F32 = 0, BF16 = 1, F16 = 2, INT8 = 3, INT4 = 4 };
+// Weight formats. F32/BF16/F16 keep the values; INT8 is symmetric per row (scale = absmax / 127).
+// The grouped formats scale per group of `group_size` consecutive inputs of a row, group_size in
+// {32, 64, 128}: INT4 symmetric (W = q * s, q in [-8, 7], s = absmax / 7); INT4Z asymmetric
+// (W = q * s + m, q in [-8, 7], from min/max: s = (max - min) / 15, m = min + 8 s), which keeps a
+// checkpoint's zero points (W = (u - z) * s, u in [0, 15]: m = (8 - z) * s); FP8 e4m3fn values
+// (W = v * s, s = absmax / 448, or a block-FP8 checkpoint's block scale). See pack.cpp.
+// FP8 is also a source dtype of pack_matrix (raw e4m3fn bytes; their scales are then required).
+enum class WFormat : int { F32 = 0, BF16 = 1, F16 = 2, INT8 = 3, INT4 = 4, FP8 = 5, INT4Z = 6 };
+
+// Whether a format scales per group of group_size inputs (INT4, INT4Z, FP8). pack.cpp.
+// NOTE: not inline: the ISA files include this header (see kernels_impl.h).
+bool is_grouped(WFormat f);
 
 struct PackedLayout {
   WFormat format = WFormat::BF16;
   int rows = 0;
   int cols = 0;
-  int group_size = 0;  // INT4 only, else 0
+  int group_size = 0;  // grouped formats only, else 0
   size_t bytes = 0;    // total packed bytes (values + scales)
 };
 
@@ -44,13 +52,17 @@ struct PackedLayout {
 // Throws std::invalid_argument on a bad shape / group size (cols % group_size != 0, etc.).
 PackedLayout packed_layout(WFormat format, int rows, int cols, int group_size);
 
-// Packs (and for INT8/INT4 quantizes) `rows` x `cols` source values into `dst`.
-// `src` row r starts at src + r * src_row_stride elements; src_dtype is F32, BF16 or F16.
-// INT4 only: `group_scales` (f32, row r's groups at group_scales + r * cols / group_size) gives
-// each group's scale instead of absmax / 7, so weights already on an int4 grid (a checkpoint's
-// q * scale) pack losslessly: q = round(w / scale) recovers q exactly.
+// Packs (and for INT8/INT4/INT4Z/FP8 quantizes) `rows` x `cols` source values into `dst`.
+// `src` row r starts at src + r * src_row_stride elements; src_dtype is F32, BF16, F16 or FP8
+// (raw e4m3fn bytes: FP8 layouts only, with group_scales; copied bit for bit).
+// Grouped formats only: `group_scales` (f32, row r's groups at group_scales + r * cols /
+// group_size) gives each group's scale instead of the absmax / min-max rule, and INT4Z's
+// `group_offsets` (same shape, needs group_scales) each group's m, so weights already on a grid
+// (a checkpoint's q * s (+ m)) pack losslessly: q = round((w - m) / s) recovers q exactly.
+// Throws std::invalid_argument on a source / scales combination the format cannot take.
 void pack_matrix(const PackedLayout& lay, const void* src, WFormat src_dtype,
-                 size_t src_row_stride, void* dst, const float* group_scales = nullptr);
+                 size_t src_row_stride, void* dst, const float* group_scales = nullptr,
+                 const float* group_offsets = nullptr);
 
 // The values the kernels compute with, as float32 [rows x cols] (tests and references).
 void unpack_matrix(const PackedLayout& lay, const void* packed, float* out);

@@ -10,12 +10,17 @@
 // is far below the DRAM time per line (it is bandwidth-bound; 4 accumulators break the FMA chain).
 // Each row lives in one lane throughout, and the lane's arithmetic does not depend on [r0, r1):
 // the row split never changes a bit.
+// FP8: a 16-byte line (16 rows) is vpmovsxbw (ymm), vpsllw 7, vpand, vcvtph2ps (zmm) -> 16 f32 =
+// value * 2^-8 (pack.cpp's "FP8 decoding"); the scale line holds s * 256. INT4Z: INT4's group dot
+// times s, plus m * sum(x_g) (the sums once per call, per token and group).
 //
 // NOTE: compiled with -mavx512f/bw/vl/dq/bf16/vnni; only F/BW/VL/DQ instructions are used by hand,
 // so the avx512 level (no BF16/VNNI) can run it. No std:: templates here (see kernels_impl.h).
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined (GCC PR105593).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+
+#include <cstdlib>
 
 #include "kernels_impl.h"
 
@@ -93,6 +98,50 @@ struct DecI4 {  // vpermps reads the low 4 bits of each lane: shift + LUT = 16 w
   }
 };
 
+struct DecFP8 {  // 4 lines of 16 e4m3 bytes per 64 bytes: 4 ops per 16 weights, then the FMAs
+  static constexpr int C = 4;
+  static constexpr int kStepBytes = 64;
+  const uint8_t* p;
+  TW_INLINE void operator()(int s, __m512* w) const {
+    const uint8_t* q = p + static_cast<size_t>(s) * 64;
+    const __m256i mask = _mm256_set1_epi16(static_cast<short>(0xBF80));
+    for (int j = 0; j < 4; ++j) {
+      const __m256i b =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * j)));
+      w[j] = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(b, 7), mask));
+    }
+  }
+};
+
+// A growable 64-byte aligned buffer per thread (INT4Z's sums of x); nullptr when out of memory.
+struct Scratch {
+  float* p = nullptr;
+  size_t cap = 0;
+  ~Scratch() { std::free(p); }
+  float* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      cap = (n + 1023) & ~size_t(1023);
+      p = static_cast<float*>(std::aligned_alloc(64, cap * sizeof(float)));
+      if (p == nullptr) cap = 0;
+    }
+    return p;
+  }
+};
+thread_local Scratch t_xsum;
+
+// xsum[t * G + g] = sum of x[t][g gs .. g gs + gs - 1], in a fixed order (16 lanes, then lanes).
+void group_sums(const Activations& x, int cols, int gs, float* xsum) {
+  const int groups = cols / gs;
+  for (int t = 0; t < x.n; ++t)
+    for (int gi = 0; gi < groups; ++gi) {
+      const float* xg = x.f32 + static_cast<size_t>(t) * x.ld + gi * gs;
+      __m512 a = _mm512_loadu_ps(xg);
+      for (int c = 16; c < gs; c += 16) a = _mm512_add_ps(a, _mm512_loadu_ps(xg + c));
+      xsum[static_cast<size_t>(t) * groups + gi] = _mm512_reduce_add_ps(a);
+    }
+}
+
 // acc[t][j % NA] += w[j] * x[t][c0 + j] over steps [s0, s1). kTail: x past `cols` reads as 0 (the
 // packed padding is 0 too; x itself has only `cols` values).
 template <int TB, int NA, bool kTail, class Dec>
@@ -139,10 +188,11 @@ TW_INLINE void run_plain(const Dec& dec, const float* x, size_t ldx, int cols,
   if (full * Dec::C < cols) dot_steps<TB, NA, true>(dec, full, full + 1, x, ldx, cols, acc);
 }
 
-// out[t] = the block's 16 rows for token t of this pass.
+// out[t] = the block's 16 rows for token t of this pass. `xsum`: INT4Z's per-group sums of x
+// for the pass's first token ([TB, G]), else unused.
 template <int TB>
 void block_tokens(const PackedLayout& lay, const Geom& g, const uint8_t* blk, const float* x,
-                  size_t ldx, __m512* out) {
+                  size_t ldx, const float* xsum, __m512* out) {
   constexpr int NA = TB == 1 ? 4 : (TB <= 4 ? 2 : 1);
   const int cols = lay.cols;
   __m512 acc[TB][NA];
@@ -157,8 +207,11 @@ void block_tokens(const PackedLayout& lay, const Geom& g, const uint8_t* blk, co
       for (int t = 0; t < TB; ++t) out[t] = _mm512_mul_ps(reduce<NA>(acc[t]), scale);
       return;
     }
-    case WFormat::INT4: {
-      const int gs = lay.group_size, spg = gs / 8;
+    case WFormat::INT4:
+    case WFormat::INT4Z:
+    case WFormat::FP8: {
+      const bool fp8 = lay.format == WFormat::FP8, z = lay.format == WFormat::INT4Z;
+      const int gs = lay.group_size, spg = fp8 ? gs / DecFP8::C : gs / DecI4::C;
       const __m512 lut = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f,
                                         2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
       __m512 yv[TB];
@@ -166,9 +219,17 @@ void block_tokens(const PackedLayout& lay, const Geom& g, const uint8_t* blk, co
       for (int gi = 0; gi < g.groups; ++gi) {
         const uint8_t* grp = blk + static_cast<size_t>(gi) * g.group_bytes;
         zero(acc);
-        dot_steps<TB, NA, false>(DecI4{grp, lut}, 0, spg, x + gi * gs, ldx, cols, acc);
-        const __m512 scale = _mm512_loadu_ps(reinterpret_cast<const float*>(grp + spg * 64));
+        if (fp8) dot_steps<TB, NA, false>(DecFP8{grp}, 0, spg, x + gi * gs, ldx, cols, acc);
+        else dot_steps<TB, NA, false>(DecI4{grp, lut}, 0, spg, x + gi * gs, ldx, cols, acc);
+        const float* sp = reinterpret_cast<const float*>(grp + g.scale_off);
+        const __m512 scale = _mm512_loadu_ps(sp);
         for (int t = 0; t < TB; ++t) yv[t] = _mm512_fmadd_ps(reduce<NA>(acc[t]), scale, yv[t]);
+        if (z) {  // + m * sum(x_g)
+          const __m512 m = _mm512_loadu_ps(sp + 16);
+          for (int t = 0; t < TB; ++t)
+            yv[t] = _mm512_fmadd_ps(
+                _mm512_set1_ps(xsum[static_cast<size_t>(t) * g.groups + gi]), m, yv[t]);
+        }
       }
       for (int t = 0; t < TB; ++t) out[t] = yv[t];
       return;
@@ -201,6 +262,15 @@ void matmul_avx512(const PackedLayout& lay, const void* packed, int r0, int r1,
   const Geom g = geom(lay);
   const auto* base = static_cast<const uint8_t*>(packed);
   const size_t ldx = static_cast<size_t>(x.ld);
+  float* xsum = nullptr;
+  if (lay.format == WFormat::INT4Z) {
+    xsum = t_xsum.get(static_cast<size_t>(x.n) * g.groups);
+    if (xsum == nullptr) {  // out of memory (n x G floats!): the scalar kernel, same math
+      matmul_scalar(lay, packed, r0, r1, x, y, ldy);
+      return;
+    }
+    group_sums(x, lay.cols, lay.group_size, xsum);
+  }
   for (int b = r0 / kRowBlock; b * kRowBlock < r1; ++b) {
     const uint8_t* blk = base + static_cast<size_t>(b) * g.block_bytes;
     // NOTE: token passes re-read the block from L2 (a block is 16 x C weights, <= 64 KiB of bf16
@@ -209,15 +279,16 @@ void matmul_avx512(const PackedLayout& lay, const void* packed, int r0, int r1,
       const int tb = x.n - t0 < kMaxTB ? x.n - t0 : kMaxTB;
       const float* xt = x.f32 + static_cast<size_t>(t0) * ldx;
       __m512 out[kMaxTB];
+      const float* xs = xsum ? xsum + static_cast<size_t>(t0) * g.groups : nullptr;
       switch (tb) {
-        case 1: block_tokens<1>(lay, g, blk, xt, ldx, out); break;
-        case 2: block_tokens<2>(lay, g, blk, xt, ldx, out); break;
-        case 3: block_tokens<3>(lay, g, blk, xt, ldx, out); break;
-        case 4: block_tokens<4>(lay, g, blk, xt, ldx, out); break;
-        case 5: block_tokens<5>(lay, g, blk, xt, ldx, out); break;
-        case 6: block_tokens<6>(lay, g, blk, xt, ldx, out); break;
-        case 7: block_tokens<7>(lay, g, blk, xt, ldx, out); break;
-        default: block_tokens<8>(lay, g, blk, xt, ldx, out); break;
+        case 1: block_tokens<1>(lay, g, blk, xt, ldx, xs, out); break;
+        case 2: block_tokens<2>(lay, g, blk, xt, ldx, xs, out); break;
+        case 3: block_tokens<3>(lay, g, blk, xt, ldx, xs, out); break;
+        case 4: block_tokens<4>(lay, g, blk, xt, ldx, xs, out); break;
+        case 5: block_tokens<5>(lay, g, blk, xt, ldx, xs, out); break;
+        case 6: block_tokens<6>(lay, g, blk, xt, ldx, xs, out); break;
+        case 7: block_tokens<7>(lay, g, blk, xt, ldx, xs, out); break;
+        default: block_tokens<8>(lay, g, blk, xt, ldx, xs, out); break;
       }
       store_block(out, tb, b, r0, r1, y, ldy, t0);
     }

@@ -2,7 +2,7 @@
 // the engine contract (that is kernels.h).
 //
 // Legend: R rows (outputs), C cols (inputs), Kp = C rounded up to 32, RB = 16 rows per packed
-// block, n tokens, G = C / group_size (INT4 groups per row).
+// block, n tokens, G = C / group_size (groups per row of the grouped formats INT4/INT4Z/FP8).
 //
 // NOTE: the kernel files are compiled with different -m flags. Any inline function or template
 // instantiated in two of them could be emitted once with AVX-512 code and picked by the linker for
@@ -26,15 +26,16 @@ struct Geom {
   int nb = 0;              // row blocks = ceil(R / 16); the last one is zero-padded
   int kp = 0;              // cols rounded up to 32 (padding values are zero)
   size_t block_bytes = 0;  // bytes of one row block (a multiple of 64)
-  int groups = 0;          // INT4: groups per row
-  size_t group_bytes = 0;  // INT4: bytes of one group in a block (values + one scale line)
+  int groups = 0;          // grouped formats: groups per row
+  size_t group_bytes = 0;  // grouped formats: bytes of one group in a block (values + scale lines)
+  size_t scale_off = 0;    // grouped formats: the group's scale line (INT4Z: then its m line)
 };
 
 Geom geom(const PackedLayout& lay);  // pack.cpp; assumes a layout from packed_layout()
 
 // Per-ISA implementations of matmul_rows (same contract). The AMX one returns false when it does
-// not take the case (format without an AMX path, too few tokens, no buffer): the caller then runs
-// the AVX-512 one.
+// not take the case (format without an AMX path: F32/F16/FP8/INT4Z, too few tokens, no buffer):
+// the caller then runs the AVX-512 one.
 void matmul_scalar(const PackedLayout& lay, const void* packed, int r0, int r1,
                    const Activations& x, float* y, int ldy);
 void matmul_avx2(const PackedLayout& lay, const void* packed, int r0, int r1,

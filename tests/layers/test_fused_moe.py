@@ -9,6 +9,8 @@ Shapes: `T` tokens, `H` hidden, `E` experts, `K` top-k, `I` expert inner size, `
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -308,3 +310,211 @@ def test_gpu_cuda_graph_replay(t: int) -> None:
             atol=2e-2,
             rtol=1e-2,
         )
+
+
+# ---- quantized experts: block FP8 and int4 (W4A16) ----------------------------------------------
+# References: the same math in float32 on the same quantized operands. FP8 quantizes hidden, and
+# act (rounded to hidden's dtype, as the kernel stores it), per token group exactly like the
+# kernel, so only the accumulation order differs (and, on an H100, the FP8 tensor cores' ~14-bit
+# accumulation inside one k-tile); int4 runs the torch backend on the dequantized weights.
+
+
+def _fp8_experts(e: int, h: int, i: int, block: tuple[int, int], seed: int = 0):
+    """w13 [E, 2I, H], w2 [E, H, I] in FP8 with block scales [E, 2*ceil(I/bn), ceil(H/bk)] and
+    [E, ceil(H/bn), ceil(I/bk)]; the dequantized weights are O(1/sqrt(fan_in))."""
+    bn, bk = block
+    g = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(e, 2 * i, h, generator=g) * 96).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w2 = (torch.randn(e, h, i, generator=g) * 96).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s13 = (torch.rand(e, 2 * -(-i // bn), -(-h // bk), generator=g) + 0.5) / (96 * h**0.5)
+    s2 = (torch.rand(e, -(-h // bn), -(-i // bk), generator=g) + 0.5) / (96 * i**0.5)
+    return w13.to(DEVICE), w2.to(DEVICE), s13.to(DEVICE), s2.to(DEVICE)
+
+
+def _dequant_fp8_experts(w13, w2, s13, s2, block):
+    """(w13, w2) float32: the gate's scale rows, then the up projection's."""
+    bn, bk = block
+    i = w13.shape[1] // 2
+
+    def deq(w, s):  # [E, R, C] * [E, ceil(R/bn), ceil(C/bk)]
+        s = s.repeat_interleave(bn, 1)[:, : w.shape[1]].repeat_interleave(bk, 2)
+        return w.float() * s[:, :, : w.shape[2]]
+
+    half = s13.shape[1] // 2
+    gate, up = deq(w13[:, :i], s13[:, :half]), deq(w13[:, i:], s13[:, half:])
+    return torch.cat([gate, up], 1), deq(w2, s2)
+
+
+def _reference_fp8(hidden, weights, ids, w13, w2, s13, s2, block):
+    from tests.layers.test_quant_gemm import ref_group_quant
+
+    bk = block[1]
+    d13, d2 = _dequant_fp8_experts(w13, w2, s13, s2, block)
+    i = d13.shape[1] // 2
+
+    def qdq(x):  # per-token-group quantized, dequantized
+        xq, xs = ref_group_quant(x, bk)
+        return xq.float() * xs.repeat_interleave(bk, 1)[:, : x.shape[1]]
+
+    x = qdq(hidden)
+    out = torch.zeros(hidden.shape, device=DEVICE)
+    for e in ids.unique().tolist():
+        rows, ks = (ids == e).nonzero(as_tuple=True)
+        gate, up = x[rows] @ d13[e, :i].T, x[rows] @ d13[e, i:].T
+        act = (torch.nn.functional.silu(gate) * up).to(hidden.dtype)  # stored as hidden's
+        y = qdq(act) @ d2[e].T
+        out.index_add_(0, rows, y * weights[rows, ks].float()[:, None])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "h,i,block,t", [(64, 32, (16, 16), 5), (72, 40, (32, 32), 1), (64, 48, (32, 16), 9)]
+)
+def test_fused_moe_fp8_block(dtype: torch.dtype, h: int, i: int, block, t: int) -> None:
+    e, k = 6, 2
+    w13, w2, s13, s2 = _fp8_experts(e, h, i, block, seed=t)
+    weights, ids = _route(t, e, k, seed=t)
+    hidden = torch.randn(t, h, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    quant = tk.MoEQuant("fp8_block", s13, s2, block=block)
+    out = fused_moe(hidden, weights, ids, w13, w2, config=SMALL if t > 1 else None, quant=quant)
+    assert out.shape == hidden.shape and out.dtype == dtype
+    atol, rtol = TOLERANCE[dtype]
+    ref = _reference_fp8(hidden, weights, ids, w13, w2, s13, s2, block)
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
+
+
+def _int4_experts(e: int, h: int, i: int, group: int, zero: bool, seed: int = 0):
+    """Checkpoint-form int4 experts: q [E, 2I, H] / [E, H, I] in 0..15 packed 8 a word along
+    the columns, group scales, zero points packed along the rows (gate and up apart)."""
+    from tests.layers.test_quant_gemm import pack_int4_k, pack_int4_rows
+
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    kw = {"generator": g, "device": DEVICE}
+    q13 = torch.randint(0, 16, (e, 2 * i, h), dtype=torch.uint8, **kw)
+    q2 = torch.randint(0, 16, (e, h, i), dtype=torch.uint8, **kw)
+    s13 = (torch.rand(e, 2 * i, h // group, **kw) + 0.5) / (4 * h**0.5)
+    s2 = (torch.rand(e, h, i // group, **kw) + 0.5) / (4 * i**0.5)
+    z13 = z2 = zp13 = zp2 = None
+    if zero:
+        z13 = torch.randint(0, 16, s13.shape, dtype=torch.uint8, **kw)
+        z2 = torch.randint(0, 16, s2.shape, dtype=torch.uint8, **kw)
+        zp13 = torch.cat([pack_int4_rows(z13[:, :i]), pack_int4_rows(z13[:, i:])], 1)
+        zp2 = pack_int4_rows(z2)
+    checkpoint = (pack_int4_k(q13), s13, pack_int4_k(q2), s2, zp13, zp2)
+    return checkpoint, (q13, s13, z13), (q2, s2, z2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("h,i,group,t", [(64, 32, 32, 5), (128, 64, 64, 1), (128, 128, 128, 3)])
+def test_fused_moe_int4(dtype: torch.dtype, zero: bool, h: int, i: int, group: int, t: int) -> None:
+    from tests.layers.test_quant_gemm import dequant_int4
+
+    e, k = 5, 2
+    checkpoint, (q13, s13, z13), (q2, s2, z2) = _int4_experts(e, h, i, group, zero, seed=t)
+    w13, w2, quant = tk.repack_moe_w4a16(*checkpoint)
+    assert (
+        quant.group_size == group and w13.dtype == torch.uint8 and w13.shape == (e, 2 * i, h // 2)
+    )
+    weights, ids = _route(t, e, k, seed=t)
+    hidden = torch.randn(t, h, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    out = fused_moe(hidden, weights, ids, w13, w2, config=SMALL if t > 1 else None, quant=quant)
+    assert out.shape == hidden.shape and out.dtype == dtype
+    d13, d2 = dequant_int4(q13, s13, z13, group), dequant_int4(q2, s2, z2, group)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(
+        out.float(), _reference(hidden, weights, ids, d13, d2), atol=atol, rtol=rtol
+    )
+
+
+def test_fused_moe_quant_bad_inputs() -> None:
+    e, h, i, t = 4, 64, 32, 3
+    w13, w2, s13, s2 = _fp8_experts(e, h, i, (16, 16))
+    weights, ids = _route(t, e, 2)
+    hidden = torch.randn(t, h, device=DEVICE)
+    bad = tk.MoEQuant("fp8_block", s13[:, :3], s2, block=(16, 16))
+    with pytest.raises(ValueError, match=r"w13_scale has shape \(4, 3, 4\) but .* \(4, 4, 4\)"):
+        fused_moe(hidden, weights, ids, w13, w2, quant=bad)
+    bad = tk.MoEQuant("fp8_block", s13, s2[:, :3], block=(16, 16))
+    with pytest.raises(ValueError, match=r"w2_scale has shape \(4, 3, 2\) but .* \(4, 4, 2\)"):
+        fused_moe(hidden, weights, ids, w13, w2, quant=bad)
+    checkpoint, _, _ = _int4_experts(e, h, i, 32, False)
+    w13, w2, quant = tk.repack_moe_w4a16(*checkpoint)
+    with pytest.raises(ValueError, match="multiples of the group size 48"):
+        fused_moe(hidden, weights, ids, w13, w2, quant=dataclasses.replace(quant, group_size=48))
+    bad = dataclasses.replace(quant, w2_scale=quant.w2_scale[:, :32])
+    with pytest.raises(ValueError, match=r"w2_scale has shape \(4, 32, 1\) but .* \(4, 64, 1\)"):
+        fused_moe(hidden, weights, ids, w13, w2, quant=bad)
+    bad = dataclasses.replace(quant, w13_zero=torch.zeros(4, 64, 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"w13_zero has shape \(4, 64, 1\) but .* \(4, 64, 2\)"):
+        fused_moe(hidden, weights, ids, w13, w2, quant=bad)
+    with pytest.raises(ValueError, match="kind must be"):
+        fused_moe(hidden, weights, ids, w13, w2, quant=dataclasses.replace(quant, kind="int8"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 33, 512])
+@pytest.mark.parametrize("h,i", GPU_SHAPES)
+def test_gpu_fused_moe_fp8_block(h: int, i: int, t: int) -> None:
+    e, k, block = 128, 8, (128, 128)
+    w13, w2, s13, s2 = _fp8_experts(e, h, i, block, seed=t)
+    weights, ids = _route(t, e, k, seed=t)
+    hidden = torch.randn(t, h, device=DEVICE, dtype=torch.bfloat16)
+    quant = tk.MoEQuant("fp8_block", s13, s2, block=block)
+    out = fused_moe(hidden, weights, ids, w13, w2, quant=quant)
+    ref = _reference_fp8(hidden, weights, ids, w13, w2, s13, s2, block)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 33, 512])
+@pytest.mark.parametrize("group,zero", [(128, False), (32, True)])
+@pytest.mark.parametrize("h,i", [(2048, 768), (640, 384)])
+def test_gpu_fused_moe_int4(h: int, i: int, group: int, zero: bool, t: int) -> None:
+    from tests.layers.test_quant_gemm import dequant_int4
+
+    e, k = 128, 8
+    checkpoint, (q13, s13, z13), (q2, s2, z2) = _int4_experts(e, h, i, group, zero, seed=t)
+    w13, w2, quant = tk.repack_moe_w4a16(*checkpoint, scale_dtype=torch.bfloat16)
+    weights, ids = _route(t, e, k, seed=t)
+    hidden = torch.randn(t, h, device=DEVICE, dtype=torch.bfloat16)
+    out = fused_moe(hidden, weights, ids, w13, w2, quant=quant)
+    d13 = dequant_int4(q13, quant.w13_scale, z13, group)
+    d2 = dequant_int4(q2, quant.w2_scale, z2, group)
+    ref = _reference(hidden, weights, ids, d13, d2)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["fp8_block", "int4"])
+@pytest.mark.parametrize("t", [1, 8])
+def test_gpu_quant_cuda_graph_replay(kind: str, t: int) -> None:
+    e, k, h, i = 128, 8, 2048, 768
+    if kind == "fp8_block":
+        w13, w2, s13, s2 = _fp8_experts(e, h, i, (128, 128))
+        quant = tk.MoEQuant(kind, s13, s2, block=(128, 128))
+    else:
+        checkpoint, _, _ = _int4_experts(e, h, i, 128, True)
+        w13, w2, quant = tk.repack_moe_w4a16(*checkpoint, scale_dtype=torch.bfloat16)
+    static_hidden = torch.randn(t, h, device=DEVICE, dtype=torch.bfloat16)
+    static_logits = torch.randn(t, e, device=DEVICE, dtype=torch.bfloat16)
+
+    def step() -> torch.Tensor:
+        weights, ids = fused_topk(static_logits, k, renormalize=True)
+        return fused_moe(static_hidden, weights, ids, w13, w2, quant=quant)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for seed in range(3):
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        static_hidden.copy_(torch.randn(t, h, device=DEVICE, generator=g))
+        static_logits.copy_(torch.randn(t, e, device=DEVICE, generator=g))
+        graph.replay()
+        assert torch.equal(static_out, step())  # deterministic: bit-equal to eager

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from twinfer.layers.quantization.online_int4 import ONLINE_METHODS
+from twinfer.layers.quantization.online import ONLINE_METHODS
 
 _DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
@@ -36,7 +36,7 @@ _KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
-MOE_CPU_DTYPES = ("keep", "bf16", "int8", "int4")
+MOE_CPU_DTYPES = ("keep", "bf16", "fp8", "int8", "int4")
 _INT4_GROUP_SIZES = (32, 64, 128)
 _THREAD_BINDINGS = ("core", "numa")
 
@@ -141,8 +141,9 @@ class EngineConfig:
     quantization: str | None = field(
         default=None,
         metadata={
-            "help": "Quantize a plain checkpoint at load: int4 (alias sym_int4; dense layers, "
-            "CPU, bf16/fp16). Quantized checkpoints are read as published without it."
+            "help": "Quantize a plain checkpoint at load: fp8 (GPU: e4m3 in 128x128 blocks, "
+            "experts too) | int4 (alias sym_int4; CPU, dense layers, bf16/fp16). Quantized "
+            "checkpoints are read as published without it."
         },
     )
     kv_cache_dtype: str = field(
@@ -219,12 +220,13 @@ class EngineConfig:
     moe_cpu_dtype: str = field(
         default="keep",
         metadata={
-            "help": "Format of host-resident experts: keep (the model dtype) | bf16 | int8 "
-            "(per channel) | int4 (symmetric, per group)."
+            "help": "Format of host-resident experts: keep (the checkpoint's own: its int4 "
+            "groups or FP8 blocks, else the model dtype) | bf16 | fp8 (e4m3, a scale per group) "
+            "| int8 (per channel) | int4 (symmetric, per group)."
         },
     )
     moe_cpu_group_size: int = field(
-        default=128, metadata={"help": "Group size of int4 host experts: 32 | 64 | 128."}
+        default=128, metadata={"help": "Group size of int4/fp8 host experts: 32 | 64 | 128."}
     )
     moe_cpu_threads: int | None = field(
         default=None,

@@ -56,7 +56,7 @@ def test_layer_list_and_budget_parsing() -> None:
     [
         ({"cpu_moe": True, "n_cpu_moe": 1}, "give only one"),
         ({"n_cpu_moe": -1}, "at least 0"),
-        ({"moe_cpu_dtype": "fp8"}, "choose one of keep, bf16, int8, int4"),
+        ({"moe_cpu_dtype": "fp4"}, "choose one of keep, bf16, fp8, int8, int4"),
         ({"moe_cpu_group_size": 48}, "one of"),
         ({"moe_cpu_threads": 0}, "at least 1"),
         ({"moe_thread_binding": "socket"}, "core, numa"),

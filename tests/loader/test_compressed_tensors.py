@@ -171,11 +171,11 @@ def test_ct_int4_bf16_runs_the_int4_kernel_on_the_same_grid(ct_dir: Path) -> Non
                     "num_bits": 4,
                     "type": "int",
                     "strategy": "group",
-                    "actorder": "group",
+                    "actorder": "dynamic",
                     "group_size": 32,
                 }
             },
-            "actorder 'group'",
+            "actorder 'dynamic'",
         ),  # fmt: skip
         ({"input_activations": {"num_bits": 8}}, "quantizes activations too"),
     ],

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from tests.hf_oracle import assert_greedy_matches_hf
 from tests.loader.test_fp8 import quantize_blocks
 from twinfer import LLM
+from twinfer.layers.moe import MoELayer
 
 NUM_TOKENS = 16
 PROMPTS = ["The quick brown fox jumps over the lazy dog because", "def f(x):\n    return"]
@@ -36,7 +37,7 @@ def _fp8(src: Path, out: Path) -> dict:
     }
 
 
-def _ct_int4(src: Path, out: Path) -> dict:
+def _ct_int4(src: Path, out: Path, symmetric: bool = True) -> dict:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -44,19 +45,33 @@ def _ct_int4(src: Path, out: Path) -> dict:
         QuantizationScheme,
         QuantizationStatus,
     )
-    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    args = QuantizationArgs(
+        num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=32
+    )
     tensors = load_file(src / "model.safetensors")
+    plain = {}  # compressed-tensors' own dequantization: the asymmetric oracle's weights
     for name in [n for n in tensors if n.endswith("proj.weight")]:
         w, module = tensors.pop(name).float(), name.removesuffix(".weight")
-        scale = (w.reshape(w.shape[0], -1, 32).abs().amax(-1) / 7.5).clamp(min=1e-8)
-        zero = torch.zeros_like(scale, dtype=torch.int8)
+        groups = w.reshape(w.shape[0], -1, 32)
+        if symmetric:
+            scale = (groups.abs().amax(-1) / 7.5).clamp(min=1e-8)
+            zero = torch.zeros_like(scale, dtype=torch.int8)
+        else:
+            lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            zero = (-8 - torch.round(lo / scale)).clamp(-8, 7).to(torch.int8)
+        scale = scale.bfloat16().float()
         q = quantize(x=w, scale=scale, zero_point=zero, args=args, dtype=torch.int8)
+        plain[name] = dequantize(x_q=q, scale=scale, zero_point=zero, args=args)
         tensors[f"{module}.weight_packed"] = pack_to_int32(q, 4)
         tensors[f"{module}.weight_scale"] = scale.bfloat16()
         tensors[f"{module}.weight_shape"] = torch.tensor(w.shape)
+        if not symmetric:
+            tensors[f"{module}.weight_zero_point"] = pack_to_int32(zero, 4, packed_dim=0)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    save_file(plain, out / "oracle.safetensors.plain")
     qc = QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
         format="pack-quantized",
@@ -66,12 +81,15 @@ def _ct_int4(src: Path, out: Path) -> dict:
     return {**qc.model_dump(), "quant_method": "compressed-tensors"}
 
 
-@pytest.fixture(scope="module", params=["fp8", "ct-int4"])
+@pytest.fixture(scope="module", params=["fp8", "ct-int4", "ct-int4-asym"])
 def quantized_moe(request, tiny_checkpoints, tmp_path_factory) -> tuple[str, Path]:
     src = tiny_checkpoints("qwen3-moe-tiny")  # 2 MoE layers, 8 experts top-2, H 64, I 32
     out = tmp_path_factory.mktemp(request.param)
     shutil.copytree(src, out, dirs_exist_ok=True)
-    quant = (_fp8 if request.param == "fp8" else _ct_int4)(src, out)
+    if request.param == "fp8":
+        quant = _fp8(src, out)
+    else:
+        quant = _ct_int4(src, out, symmetric=request.param == "ct-int4")
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"] = quant
     (out / "config.json").write_text(json.dumps(cfg))
@@ -81,6 +99,19 @@ def quantized_moe(request, tiny_checkpoints, tmp_path_factory) -> tuple[str, Pat
 def _oracle(kind: str, path: Path):
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
+    if kind == "ct-int4-asym":  # NOTE: transformers 5.25 refuses packed zero points: the
+        # weights compressed-tensors dequantized, in a plain checkpoint
+        plain = path.parent / f"{path.name}-plain"
+        if not plain.exists():
+            shutil.copytree(path, plain)
+            tensors = load_file(path / "model.safetensors")
+            tensors = {n: t for n, t in tensors.items() if ".weight_" not in n}
+            tensors.update(load_file(path / "oracle.safetensors.plain"))
+            save_file(tensors, plain / "model.safetensors", metadata={"format": "pt"})
+            cfg = json.loads((plain / "config.json").read_text())
+            del cfg["quantization_config"]
+            (plain / "config.json").write_text(json.dumps(cfg))
+        return AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
     extra = {}
     if kind == "fp8":
         extra["quantization_config"] = FineGrainedFP8Config(
@@ -98,12 +129,15 @@ def test_quantized_experts_match_transformers(quantized_moe, moe_backend: str) -
     llm = LLM(str(path), dtype="float32", max_model_len=256, moe_backend=moe_backend)
     hf, tok = _oracle(kind, path), AutoTokenizer.from_pretrained(path)
     assert_greedy_matches_hf(llm, hf, tok, PROMPTS, NUM_TOKENS, same_prefix=6)
-    moe = next(m for m in llm.engine.runner.model.modules() if hasattr(m, "w13_weight"))
-    assert moe.quant_method is None  # expanded at load (MoEMethod's NOTE), the format's copy freed
-    assert not any("weight_scale" in n or "packed" in n for n, _ in moe.named_parameters())
+    moe = next(m for m in llm.engine.runner.model.modules() if isinstance(m, MoELayer))
     if moe.host_experts is not None and moe.host_experts.layer is not None:
-        # The CPU engine (--moe-cpu-dtype keep): an int4 g32 checkpoint stays int4 g32, packed
-        # with its own scales (lossless); FP8 is kept in the model dtype.
+        # The CPU engine (--moe-cpu-dtype keep) keeps the checkpoint's own format, packed from
+        # its own values and scales: int4 g32 stays int4 g32, FP8 blocks of 32 columns stay FP8
+        # in groups of 32; the format's copy is freed.
         layer = moe.host_experts.layer
-        want = ("int4", 32) if kind == "ct-int4" else ("f32", 0)
-        assert (layer.format, layer.group_size if layer.format == "int4" else 0) == want
+        want = {"ct-int4": ("int4", 32), "ct-int4-asym": ("int4z", 32)}.get(kind, ("fp8", BLOCK))
+        assert (layer.format, layer.group_size) == want
+        assert all(p.numel() == 0 for p in moe.parameters(recurse=False))
+    else:  # device experts: expanded at load (MoEMethod), the format's parameters gone
+        assert moe.quant_method is None
+        assert not any("weight_scale" in n or "packed" in n for n, _ in moe.named_parameters())

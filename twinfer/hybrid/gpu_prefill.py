@@ -29,7 +29,6 @@ import ctypes
 import logging
 import time
 from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -133,23 +132,6 @@ class StreamingCost:
 
 
 # ---- the per-forward session, read by MoELayer ------------------------------------------------
-
-_SESSION: ContextVar[StreamSession | None] = ContextVar("twinfer_stream_session", default=None)
-
-
-@contextlib.contextmanager
-def use_stream_session(session: StreamSession | None) -> Iterator[None]:
-    """Host MoE layers run inside this block stream their experts through `session`."""
-    token = _SESSION.set(session)
-    try:
-        yield
-    finally:
-        _SESSION.reset(token)
-
-
-def current_stream_session() -> StreamSession | None:
-    return _SESSION.get()
-
 
 # ---- the streamer ------------------------------------------------------------------------------
 
@@ -263,6 +245,17 @@ class PrefillStreamer:
         """Whether a forward of `num_tokens` streams without ever waiting on the host, so it can
         run beside decode steps (prefetch mode)."""
         return self.streams(num_tokens) and not self.cost.selective(num_tokens)
+
+    @contextlib.contextmanager
+    def streaming(self, session: StreamSession | None) -> Iterator[None]:
+        """The host MoE layers of forwards run inside this block stream their experts through
+        `session` (None: they run on the CPU expert engine)."""
+        engine = self.layers[0].engine
+        engine.stream_session = session
+        try:
+            yield
+        finally:
+            engine.stream_session = None
 
     def session(self, num_tokens: int) -> StreamSession | None:
         """The stream session of one forward, or None when it runs on the CPU."""

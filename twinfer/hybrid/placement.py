@@ -2,17 +2,16 @@
 
 The plan is made before the model is built (so host experts never touch VRAM) from the flags users
 of llama.cpp and KTransformers know: --cpu-moe, --n-cpu-moe N, --moe-gpu-layers 0-5,40 and
---moe-vram-budget auto|GiB. MoELayer reads it while it is constructed (`current_moe_plan`).
-Attention, dense layers, shared experts, routers and the KV cache always stay on the device.
+--moe-vram-budget auto|GiB. The model gets it when it is built and hands it to each MoE layer
+(an `ExpertPlan`: where the layer's experts live, and the builder that packs host experts for the
+CPU expert engine after loading). Attention, dense layers, shared experts, routers and the KV
+cache always stay on the device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,17 +20,28 @@ from torch import nn
 
 from twinfer.config import EngineConfig, parse_layer_list, parse_vram_budget
 from twinfer.hybrid.numa import CpuTopology, WorkerPlan, default_threads, plan_workers
+from twinfer.layers.moe.placement import ExpertPlacement, format_of_dtype
 from twinfer.native import native_engine, native_error
 
 if TYPE_CHECKING:
-    from twinfer.hybrid.cpu_experts import CpuExpertEngine
+    from twinfer.hybrid.cpu_experts import CpuExpertEngine, HostExperts
+    from twinfer.layers.moe import MoELayer
     from twinfer.loader.model_loader import ModelInfo
 
 logger = logging.getLogger(__name__)
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 # Expert format names (ExpertPlacement's) -> the native engine's.
-NATIVE_FORMATS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "int8", "int4": "int4"}
+NATIVE_FORMATS = {
+    "fp32": "f32",
+    "bf16": "bf16",
+    "fp16": "f16",
+    "fp8": "fp8",
+    "int8": "int8",
+    "int4": "int4",
+    "int4z": "int4z",
+}
+GROUPED_FORMATS = ("int4", "int4z", "fp8")  # formats with a scale per group of columns
 # VRAM kept for activations, the sampler's logits and CUDA graphs when the budget is auto.
 _AUTO_RESERVE_BYTES = 2**30
 
@@ -50,11 +60,11 @@ class MoELayerShape:
 def expert_bytes(fmt: str, hidden: int, inner: int, group_size: int) -> int:
     """Bytes of one routed expert (gate, up: [I, H]; down: [H, I]) in an expert format."""
     if native_engine is not None:
-        nf, g = NATIVE_FORMATS[fmt], group_size if fmt == "int4" else 0
+        nf, g = NATIVE_FORMATS[fmt], group_size if fmt in GROUPED_FORMATS else 0
         return native_engine.packed_bytes(nf, 2 * inner, hidden, g) + native_engine.packed_bytes(
             nf, hidden, inner, g
         )
-    per_value = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}.get(fmt, 0.5)
+    per_value = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}.get(fmt, 0.5)  # int4
     return int(3 * hidden * inner * per_value)
 
 
@@ -78,6 +88,15 @@ class MoEPlan:
 
     def location(self, layer: int) -> str:
         return "host" if layer in self.host_layers else "gpu"
+
+    def layer_placement(
+        self, prefix: str, num_experts: int
+    ) -> tuple[ExpertPlacement, HostPacker | None]:
+        """The ExpertPlan of the model's MoE layers: all of a layer's experts in one place."""
+        location = self.location(self.layer_of(prefix))
+        if location == "gpu":
+            return ExpertPlacement.uniform(num_experts, "gpu", self.device_format), None
+        return ExpertPlacement.uniform(num_experts, "host", self.host_format), HostPacker(self)
 
     def layer_of(self, prefix: str) -> int:
         match = _LAYER_INDEX.search(prefix + ".")
@@ -114,8 +133,8 @@ class MoEPlan:
         """The startup log's placement table: runs of layers, where and in which format their
         experts live, their bytes, and the batch-1 decode bound the host part implies."""
         fmt = {"host": self.host_format, "gpu": self.device_format}
-        if self.host_format == "int4":
-            fmt["host"] = f"int4/g{self.group_size}"
+        if self.host_format in GROUPED_FORMATS:
+            fmt["host"] = f"{self.host_format}/g{self.group_size}"
         where = {"host": "host RAM", "gpu": "VRAM" if self.device.type == "cuda" else "RAM"}
         first = self.shapes[0]
         head = f"MoE placement: {len(self.shapes)} MoE layers of {first.num_experts} experts"
@@ -154,21 +173,30 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-_CURRENT: ContextVar[MoEPlan | None] = ContextVar("twinfer_moe_plan", default=None)
+class HostPacker:
+    """Packs a loaded MoE layer's host experts for the plan's CPU expert engine (in the plan's
+    host format, from the checkpoint's own values where that format keeps them)."""
 
+    def __init__(self, plan: MoEPlan) -> None:
+        self.plan = plan
 
-@contextlib.contextmanager
-def use_moe_plan(plan: MoEPlan | None) -> Iterator[None]:
-    """MoE layers built (and prepared after loading) inside this block follow `plan`."""
-    token = _CURRENT.set(plan)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
+    def build(self, layer: MoELayer) -> HostExperts:
+        fmt = self.plan.host_format
+        if layer.quant_method is not None:
+            experts = layer.quant_method.expert_tensors(layer, fmt, layer.dtype)
+        else:
+            from twinfer.layers.quantization import ExpertTensors
 
-
-def current_moe_plan() -> MoEPlan | None:
-    return _CURRENT.get()
+            experts = ExpertTensors(layer.w13_weight.data, layer.w2_weight.data)
+        if experts.scales is not None and experts.group != self.plan.group_size:
+            raise ValueError(
+                f"{layer.prefix}: the checkpoint's {fmt} groups of {experts.group} do not match "
+                f"the engine's {self.plan.group_size}."
+            )
+        return self.plan.cpu_engine().add_layer(
+            experts.w13, experts.w2, NATIVE_FORMATS[fmt], self.plan.group_size, experts.scales,
+            experts.offsets,
+        )  # fmt: skip
 
 
 def model_moe_shapes(model_cls: type, hf_config: Any) -> tuple[list[MoELayerShape], int]:
@@ -176,7 +204,7 @@ def model_moe_shapes(model_cls: type, hf_config: Any) -> tuple[list[MoELayerShap
     from twinfer.layers.moe import MoELayer
     from twinfer.parallel import ParallelConfig
 
-    with torch.device("meta"), use_moe_plan(None):
+    with torch.device("meta"):
         model: nn.Module = model_cls(hf_config, ParallelConfig())
     shapes: list[MoELayerShape] = []
     expert_params = 0
@@ -204,8 +232,6 @@ def plan_moe(config: EngineConfig, info: ModelInfo, model_cls: type) -> MoEPlan 
             if value:
                 logger.warning("%s ignored: the model has no MoE layers", flag)
         return None
-    from twinfer.layers.moe.placement import format_of_dtype
-
     device = info.device
     device_format = format_of_dtype(info.dtype)
     dense_bytes = dense_params * info.dtype.itemsize
@@ -213,15 +239,20 @@ def plan_moe(config: EngineConfig, info: ModelInfo, model_cls: type) -> MoEPlan 
     host = _host_layers(config, device, layers)
     host_format = device_format if config.moe_cpu_dtype == "keep" else config.moe_cpu_dtype
     group = config.moe_cpu_group_size
-    kept_group = info.quant_config.moe_int4_group()
-    if config.moe_cpu_dtype == "keep" and kept_group is not None:
-        # The checkpoint's int4 grid is packed as is (lossless), in its own group size.
-        host_format, group = "int4", kept_group
+    kept = info.quant_config.moe_kept_format()
+    if config.moe_cpu_dtype == "keep" and kept is not None:
+        # The checkpoint's own grid (int4 groups, fp8 blocks) is packed as is, in its groups.
+        host_format, group = kept
     bad = sorted({d for s in shapes for d in (s.hidden, s.inner) if d % group})
-    if host and host_format == "int4" and bad:
+    if host and host_format in GROUPED_FORMATS and bad:
+        fix = (
+            "use a --moe-cpu-group-size that divides them (32, 64 or 128)"
+            if kept is None or config.moe_cpu_dtype != "keep"
+            else "use --moe-cpu-dtype bf16 or int4 for this checkpoint"
+        )
         raise ValueError(
-            f"int4 groups of {group} do not divide the expert sizes {bad} (hidden and expert "
-            f"inner size); use a --moe-cpu-group-size that divides them (32, 64 or 128)."
+            f"{host_format} groups of {group} do not divide the expert sizes {bad} (hidden and "
+            f"expert inner size); {fix}."
         )
     _check_native(host_format, bool(host))
     topology = CpuTopology.detect()
@@ -284,7 +315,7 @@ def _check_native(host_format: str, any_host: bool) -> None:
     if not any_host:
         return
     if native_engine is None:
-        if host_format in ("int8", "int4"):
+        if host_format in ("int8", *GROUPED_FORMATS):
             raise ValueError(
                 f"--moe-cpu-dtype {host_format} needs the native CPU expert engine: "
                 f"{native_error}; or use --moe-cpu-dtype keep."
@@ -296,7 +327,7 @@ def _check_native(host_format: str, any_host: bool) -> None:
         )
         return
     features = native_engine.cpu_features()
-    if host_format in ("int8", "int4") and not (features["avx2"] or features["avx512f"]):
+    if host_format in ("int8", *GROUPED_FORMATS) and not (features["avx2"] or features["avx512f"]):
         raise ValueError(
             f"--moe-cpu-dtype {host_format}: this CPU has neither AVX2 nor AVX-512, which the "
             "quantized CPU expert kernels need; use --moe-cpu-dtype keep or bf16."

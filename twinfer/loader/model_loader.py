@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from twinfer.config import EngineConfig
-from twinfer.hybrid.placement import MoEPlan, fill_vram_budget, plan_moe, use_moe_plan
+from twinfer.hybrid.placement import MoEPlan, fill_vram_budget, plan_moe
 from twinfer.layers.quantization import (
+    ONLINE_METHODS,
     QuantizationConfig,
     UnquantizedConfig,
     get_quantization_config,
@@ -169,24 +170,25 @@ def model_info(config: EngineConfig) -> ModelInfo:
                 "file keeps its own formats (Q4 matrices already run on their int4 grid)."
             )
         hf_quant = getattr(hf_config, "quantization_config", None)
+        if hf_quant is None and source.kind == "hf":
+            hf_quant = _legacy_quant_config(Path(source.path))
         info.quant_config = get_quantization_config(hf_quant, config.quantization)
         if config.quantization is not None:
-            _check_online_quantization(config.quantization, device, dtype)
+            ONLINE_METHODS[config.quantization].check_device(device, dtype)
     info.moe_plan = plan_moe(config, info, get_model_class(list(hf_config.architectures)))
     return info
 
 
-def _check_online_quantization(method: str, device: torch.device, dtype: torch.dtype) -> None:
-    if device.type != "cpu":
-        raise ValueError(
-            f"--quantization {method} runs on the CPU's int4 kernel; twinfer has no int4 GPU "
-            "kernel for dense layers yet: drop the flag on a GPU (or use --device cpu)."
-        )
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(
-            f"--quantization {method} computes with bf16/fp16 activations (torch's int4 kernel); "
-            "add --dtype bfloat16."
-        )
+# Files older AutoGPTQ / AutoAWQ exports keep their settings in, beside config.json.
+_LEGACY_QUANT_FILES = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+
+
+def _legacy_quant_config(path: Path) -> dict | None:
+    for file, method in _LEGACY_QUANT_FILES.items():
+        if (path / file).is_file():
+            config = json.loads((path / file).read_text())
+            return {"quant_method": method, **config}
+    return None
 
 
 def _check_sliding_window(hf_config: Any, max_model_len: int) -> None:
@@ -253,7 +255,8 @@ def _weights(info: ModelInfo) -> Iterator[tuple[str, torch.Tensor]]:
     if info.source.kind == "gguf":
         yield from open_gguf(info.source.path).weights(info.dtype)
     else:
-        yield from iter_safetensors(safetensors_files(info.source.path))
+        tensors = iter_safetensors(safetensors_files(info.source.path))
+        yield from info.quant_config.checkpoint_tensors(tensors)
 
 
 def _keeps_int4(info: ModelInfo) -> bool:
@@ -300,16 +303,17 @@ def load_model(info: ModelInfo) -> nn.Module:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(info.dtype)
     try:
-        with info.device, use_moe_plan(plan):
-            model = model_cls(info.hf_config, ParallelConfig(), info.quant_config)
+        with info.device:
+            model = model_cls(info.hf_config, ParallelConfig(), info.quant_config, plan)
     finally:
         torch.set_default_dtype(previous)
+    wanted = set(dict(model.named_parameters()))  # (MoE layers swap theirs as they load)
     with torch.no_grad():
         if info.load_format == "dummy":
             loaded = _dummy_weights(model)
         else:
             loaded = model.load_weights(_weights(info))
-    missing = sorted(set(dict(model.named_parameters())) - set(loaded))
+    missing = sorted(wanted - set(loaded))
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -319,25 +323,26 @@ def load_model(info: ModelInfo) -> nn.Module:
             "files are incomplete or do not match config.json."
         )
     model.eval()
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    info.weight_bytes = nbytes
     with torch.no_grad():
         if _keeps_int4(info):
             from twinfer.loader.int4 import use_gguf_int4
 
             use_gguf_int4(model, open_gguf(info.source.path))
-        with use_moe_plan(plan):  # host experts are packed for the CPU engine here
-            for module in model.modules():
-                if hasattr(module, "process_weights_after_loading"):
-                    module.process_weights_after_loading()
+        for module in model.modules():  # (MoE layers were prepared as they loaded)
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    host = sum(m.host_experts.nbytes for m in model.modules() if getattr(m, "host_experts", None))
+    info.weight_bytes = nbytes + host
     logger.info(
-        "loaded %s (%s) in %.1f s: %.2f GiB of %s weights on %s; weight format %s",
+        "loaded %s (%s) in %.1f s: %.2f GiB of weights on %s (%s)%s; weight format %s",
         info.source.name,
         info.hf_config.architectures[0],
         time.perf_counter() - start,
         nbytes / 2**30,
-        str(info.dtype).removeprefix("torch."),
         info.device,
+        str(info.dtype).removeprefix("torch."),
+        f" + {host / 2**30:.2f} GiB of experts in host RAM" if host else "",
         info.quant_config.describe(),
     )
     if plan is not None and (plan.host_layers or plan.vram_budget is not None):

@@ -16,6 +16,7 @@ from twinfer.layers.activation import get_act_and_mul
 from twinfer.layers.attention import Attention
 from twinfer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from twinfer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from twinfer.layers.moe.placement import ExpertPlan
 from twinfer.layers.norm import RMSNorm
 from twinfer.layers.quantization import QuantizationConfig, UnquantizedConfig
 from twinfer.layers.rotary import RotaryEmbedding
@@ -198,12 +199,15 @@ class LlamaForCausalLM(nn.Module):
         config: Any,
         parallel: ParallelConfig | None = None,
         quant_config: QuantizationConfig | None = None,
+        expert_plan: ExpertPlan | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.parallel = parallel or ParallelConfig()
         # The checkpoint's weight format: every linear layer gets its method from it.
         self.quant_config = quant_config or UnquantizedConfig()
+        # Where MoE layers keep their routed experts (None: on the model's device).
+        self.expert_plan = expert_plan
         # Window the runner must respect (max_model_len <= it) until attention supports windows.
         self.sliding_window = sliding_window_of(config)
         self.model = LlamaModel(config, self.parallel, self)

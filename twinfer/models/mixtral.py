@@ -24,6 +24,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
             parallel=self.parallel,
             prefix=prefix,
             # The format is looked up under the checkpoint's names (block_sparse_moe, w1/w2/w3).
+            plan=self.expert_plan,
             quant_method=self.quant_config.moe_method(
                 prefix.replace(".mlp", ".block_sparse_moe"), gate_proj="w1"
             ),

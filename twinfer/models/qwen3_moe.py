@@ -30,6 +30,7 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
             renormalize=bool(c.norm_topk_prob),
             parallel=self.parallel,
             prefix=prefix,
+            plan=self.expert_plan,
             quant_method=self.quant_config.moe_method(prefix),
             # HF casts the top-k weights to the hidden dtype before the weighted sum.
             cast_routing_weights=True,

@@ -18,7 +18,7 @@ from twinfer.layers.params import WeightShapeError, default_weight_loader
 _SKIP = re.compile(r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$|\.weight_shape$")
 
 # Parameters weight formats add beside (or instead of) `weight`, fused like it.
-_QUANT_PARAMS = "weight_scale_inv|weight_packed|weight_scale|weight_zero_point"
+_QUANT_PARAMS = "weight_scale_inv|weight_packed|weight_scale|weight_zero_point|weight_g_idx"
 
 _EXPERT_SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3"}
 _EXPERT_SHARD |= {"down_proj": "w2", "w2": "w2"}
@@ -80,9 +80,15 @@ def load_hf_weights(
 
     Returns the names of the parameters filled completely (every shard of a fused one).
     `rename` maps an HF name to the module's naming first; `skip(name)` drops a tensor on purpose.
+
+    A module with `prepare_when_loaded` (MoE layers) is prepared (`process_weights_after_loading`)
+    as soon as all its own parameters are filled: its experts are packed and the checkpoint's copy
+    freed while later layers load, so host RAM never holds every layer in both forms.
     """
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     filled: dict[str, set[object]] = {}
+    complete: set[str] = set()
     for hf_name, tensor in weights:
         if _SKIP.search(hf_name):
             continue
@@ -112,4 +118,15 @@ def load_hf_weights(
             keys.update(required or {None})
         else:
             keys.add(shard_id)
-    return {n for n, keys in filled.items() if keys >= getattr(params[n], "shard_ids", {None})}
+        if param_name not in complete and keys >= (required or {None}):
+            complete.add(param_name)
+            _prepare_if_loaded(modules.get(param_name.rpartition(".")[0]), param_name, complete)
+    return complete
+
+
+def _prepare_if_loaded(module: nn.Module | None, param_name: str, complete: set[str]) -> None:
+    if module is None or not getattr(module, "prepare_when_loaded", False):
+        return
+    prefix = param_name.rpartition(".")[0]
+    if all(f"{prefix}.{n}" in complete for n, _ in module.named_parameters(recurse=False)):
+        module.process_weights_after_loading()

@@ -20,7 +20,7 @@ from twinfer.engine.scheduler import (
     ScheduledRequest,
     SchedulerOutput,
 )
-from twinfer.hybrid.gpu_prefill import PrefillStreamer, use_stream_session
+from twinfer.hybrid.gpu_prefill import PrefillStreamer
 from twinfer.layers.attention import (
     Attention,
     CommonAttentionMetadata,
@@ -176,10 +176,10 @@ class ModelRunner:
     def stream_session(self, num_tokens: int) -> Iterator[None]:
         """Host experts of a forward of `num_tokens` stream to the GPU when that is faster (and
         no background chunk holds the staging buffers)."""
-        session = None
-        if self.streamer is not None and self.background is None:
-            session = self.streamer.session(num_tokens)
-        with use_stream_session(session):
+        if self.streamer is None or self.background is not None:
+            yield
+            return
+        with self.streamer.streaming(self.streamer.session(num_tokens)):
             yield
 
     # ---- KV cache ----

@@ -11,23 +11,29 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from twinfer.hybrid.gpu_prefill import current_stream_session
-from twinfer.hybrid.placement import NATIVE_FORMATS, current_moe_plan
 from twinfer.layers.cuda_ops import cuda_moe_ops
 from twinfer.layers.linear import ReplicatedLinear, tp_all_reduce
 from twinfer.layers.moe.backends import get_expert_backend
-from twinfer.layers.moe.placement import ExpertPlacement
+from twinfer.layers.moe.placement import (
+    ExpertPlacement,
+    ExpertPlan,
+    HostExpertBuilder,
+    RoutedExperts,
+)
 from twinfer.layers.params import check_shape, in_param_units, new_param
 from twinfer.parallel import ParallelConfig
 
 if TYPE_CHECKING:
-    from twinfer.hybrid.cpu_experts import HostExperts
     from twinfer.layers.quantization import MoEMethod
 
 SCORING_FUNCTIONS = ("softmax",)
 
 
 class MoELayer(nn.Module):
+    # Packed for its runtime as soon as its experts are loaded (models/weights.py), so a large
+    # checkpoint never sits in host RAM in two forms at once.
+    prepare_when_loaded = True
+
     """Routed experts with a softmax top-k router (HF's Qwen3-MoE / Mixtral sparse MoE block).
 
     Parameters: `gate.weight` [E, H] (replicated router), `w13_weight` [E, 2I, H] (gate rows then
@@ -39,11 +45,16 @@ class MoELayer(nn.Module):
     `cast_routing_weights`: cast the top-k weights to the hidden dtype before the weighted sum
     (HF Qwen3-MoE); HF Mixtral keeps them float32. Only matters for bf16/fp16 rounding.
 
-    Placement: without an explicit `placement`, the MoE plan in effect while the model is built
-    (hybrid.placement.use_moe_plan) says whether this layer's routed experts live on the model's
-    device or in host RAM. Host experts are built in host memory, packed for the CPU expert
-    engine after loading (`process_weights_after_loading`) and run there; the router stays here.
+    Placement: without an explicit `placement`, the model's `plan` (an ExpertPlan, made from the
+    placement flags by hybrid/placement.py) says whether this layer's routed experts live on the
+    model's device or in host RAM, and gives the builder of host experts. Host experts are built
+    in host memory, handed to the builder after loading (`process_weights_after_loading`: e.g.
+    packed for the CPU expert engine) and run where it puts them; the router stays here.
     """
+
+    # Prepared as soon as its experts are loaded (models/weights.py), so a large checkpoint
+    # never sits in host RAM in two forms at once.
+    prepare_when_loaded = True
 
     def __init__(
         self,
@@ -59,6 +70,7 @@ class MoELayer(nn.Module):
         placement: ExpertPlacement | None = None,
         backend: str = "torch",
         quant_method: MoEMethod | None = None,
+        plan: ExpertPlan | None = None,
     ) -> None:
         super().__init__()
         if scoring not in SCORING_FUNCTIONS:
@@ -84,12 +96,9 @@ class MoELayer(nn.Module):
         self.quant_method = quant_method  # the checkpoint's expert format; None: plain
 
         self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, prefix=f"{prefix}.gate")
-        plan = current_moe_plan()
+        self.host_builder: HostExpertBuilder | None = None
         if placement is None and plan is not None:
-            layer = plan.layer_of(prefix)
-            location = plan.location(layer)
-            fmt = plan.host_format if location == "host" else plan.device_format
-            placement = ExpertPlacement.uniform(num_experts, location, fmt)
+            placement, self.host_builder = plan.layer_placement(prefix, num_experts)
         i_local = self.intermediate_size_local
         on_host = placement is not None and placement.experts_at("host")
         if on_host and len(placement.experts_at("host")) != num_experts:
@@ -118,38 +127,51 @@ class MoELayer(nn.Module):
                 f"expert placement covers {self.placement.num_experts} experts but the layer has "
                 f"{num_experts}."
             )
+        if self.on_host and self.host_builder is None:
+            raise ValueError(
+                f"{prefix}: host experts need a host expert builder (the model's ExpertPlan)."
+            )
         self.backend = get_expert_backend(backend)
-        self.host_experts: HostExperts | None = None
+        self.host_experts: RoutedExperts | None = None
 
     @property
     def on_host(self) -> bool:
         return bool(self.placement.experts_at("host"))
 
     def process_weights_after_loading(self) -> None:
-        """Experts in a checkpoint format: expanded to the model dtype (see MoEMethod). Host
-        experts: packed once for the CPU expert engine, then the torch copy freed; an int4
-        checkpoint grid whose groups the engine keeps is packed with its own scales (lossless)."""
-        plan = current_moe_plan()
-        fmt = NATIVE_FORMATS[self.placement.formats[0]] if self.on_host else None
-        grid_scales = None
+        """Host experts: handed to the host builder once (it packs them in its format from the
+        checkpoint's), then the torch copy freed. Device experts in a checkpoint format: expanded
+        to the model dtype (see MoEMethod)."""
         if self.quant_method is not None:
-            if fmt == "int4" and plan is not None:
-                grid_scales = self.quant_method.int4_group_scales(self, plan.group_size)
+            self.quant_method.process_weights_after_loading(self)
+        if self.on_host:
+            if self.host_experts is None:
+                self.host_experts = self.host_builder.build(self)
+                self.free_weights()
+            return
+        if self.quant_method is not None and self.quant_method.runs_on(self.device):
+            self.quant_method.prepare_device(self)  # kept in its format: a kernel reads it
+        elif self.quant_method is not None:
             w13, w2 = self.quant_method.dequantize(self, self.dtype)
             for name in self.quant_method.param_names():
-                setattr(self, name, None)
+                delattr(self, name)
             self.w13_weight = nn.Parameter(w13, requires_grad=False)
             self.w2_weight = nn.Parameter(w2, requires_grad=False)
             self.quant_method = None
-        if not self.on_host or self.host_experts is not None or plan is None:
-            return
-        engine = plan.cpu_engine()
-        self.host_experts = engine.add_layer(
-            self.w13_weight.data, self.w2_weight.data, fmt, plan.group_size, grid_scales
-        )
-        if engine.native:  # the packed copy is the only one kept (host RAM ~ 1.0x the weights)
-            for p in (self.w13_weight, self.w2_weight):
-                p.data = torch.empty(0, dtype=p.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the experts' weights live (host RAM for host experts)."""
+        return next(self.parameters(recurse=False)).device
+
+    def free_weights(self) -> None:
+        """Drop the torch copy of the experts (the runtime that serves them keeps its own)."""
+        names = ("w13_weight", "w2_weight")
+        if self.quant_method is not None:
+            names = self.quant_method.param_names()
+        for name in names:
+            p = getattr(self, name)
+            p.data = torch.empty(0, dtype=p.dtype)
 
     def set_backend(self, name: str) -> None:
         """Swap the expert backend (by registry name); the weights and the math stay the same."""
@@ -217,12 +239,9 @@ class MoELayer(nn.Module):
         """hidden [T, H] -> [T, H]."""
         topk_weights, topk_ids = self.route(hidden)
         if self.host_experts is not None:
-            # A long forward on a GPU streams the experts there (hybrid/gpu_prefill.py).
-            session = current_stream_session()
-            if session is not None:
-                out = session.forward(self.host_experts, hidden, topk_weights, topk_ids)
-            else:
-                out = self.host_experts.forward(hidden, topk_weights, topk_ids)
+            out = self.host_experts.forward(hidden, topk_weights, topk_ids)
+        elif self.quant_method is not None:  # kept in the checkpoint's format on the device
+            out = self.quant_method.apply(self, hidden, topk_weights, topk_ids)
         else:
             out = self.backend.forward(
                 hidden, topk_weights, topk_ids, self.w13_weight, self.w2_weight

@@ -1,4 +1,5 @@
-"""Where each routed expert's weights live and in which runtime format.
+"""Where each routed expert's weights live and in which runtime format, and the interfaces a
+placement policy (hybrid/placement.py) gives MoE layers: the layer never looks one up itself.
 
 A placement never changes the math: all-GPU, all-host and mixed placements give the same tokens.
 """
@@ -7,11 +8,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from twinfer.layers.moe.layer import MoELayer
 
 EXPERT_LOCATIONS = ("gpu", "host")
-EXPERT_FORMATS = ("bf16", "fp16", "fp32", "fp8", "int8", "int4")
+EXPERT_FORMATS = ("bf16", "fp16", "fp32", "fp8", "int8", "int4", "int4z")
 _DTYPE_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -68,3 +74,34 @@ class ExpertPlacement:
         counts = Counter(zip(self.locations, self.formats, strict=True))
         parts = ", ".join(f"{n} {loc}/{fmt}" for (loc, fmt), n in sorted(counts.items()))
         return f"{self.num_experts} experts: {parts}"
+
+
+class RoutedExperts(Protocol):
+    """A layer's routed experts where they run (e.g. host RAM on the CPU expert engine)."""
+
+    nbytes: int
+
+    def forward(self, hidden: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+        """hidden [T, H], topk_weights [T, K], topk_ids [T, K] -> [T, H] in hidden's dtype."""
+        ...
+
+
+class HostExpertBuilder(Protocol):
+    """Turns a loaded MoE layer's host experts into the runtime that serves them."""
+
+    def build(self, layer: MoELayer) -> RoutedExperts:
+        """The layer's loaded expert weights (in host memory, in the checkpoint's format:
+        `layer.quant_method`) packed once for the runtime; the layer frees its copy after."""
+        ...
+
+
+class ExpertPlan(Protocol):
+    """Where each MoE layer of a model keeps its routed experts (given to the model when it is
+    built; hybrid.placement.MoEPlan is the one the flags make)."""
+
+    def layer_placement(
+        self, prefix: str, num_experts: int
+    ) -> tuple[ExpertPlacement, HostExpertBuilder | None]:
+        """The placement of MoE layer `prefix`, and the builder of its host experts (None when
+        they all live on the model's device)."""
+        ...

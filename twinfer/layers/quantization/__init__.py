@@ -6,13 +6,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from twinfer.layers.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
+from twinfer.layers.quantization.awq_gptq import AwqConfig, GptqConfig
+from twinfer.layers.quantization.base import (
+    ExpertTensors,
+    LinearMethod,
+    MoEMethod,
+    QuantizationConfig,
+)
 from twinfer.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from twinfer.layers.quantization.fp8 import Fp8Config
-from twinfer.layers.quantization.online_int4 import ONLINE_METHODS, OnlineInt4Config
+from twinfer.layers.quantization.online import ONLINE_METHODS
 from twinfer.layers.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod
 
 __all__ = [
+    "ExpertTensors",
     "LinearMethod",
     "MoEMethod",
     "QuantizationConfig",
@@ -23,8 +30,10 @@ __all__ = [
 ]
 
 _METHODS: dict[str, type[QuantizationConfig]] = {
+    "awq": AwqConfig,
     "compressed-tensors": CompressedTensorsConfig,
     "fp8": Fp8Config,
+    "gptq": GptqConfig,
 }
 
 
@@ -42,7 +51,7 @@ def get_quantization_config(hf_quant_config: Any, online: str | None = None) -> 
                 f"--quantization {online}: this checkpoint is already quantized; drop the flag "
                 "(its own format is read from quantization_config)."
             )
-        return OnlineInt4Config()
+        return ONLINE_METHODS[online]()
     if hf_quant_config is None:
         return UnquantizedConfig()
     if not isinstance(hf_quant_config, dict):

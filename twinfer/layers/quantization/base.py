@@ -8,6 +8,8 @@ Legend: `T` tokens, `N` output features (this rank's), `K` input features (this 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,13 +36,27 @@ class LinearMethod:
         raise NotImplementedError
 
 
+@dataclass(frozen=True, slots=True)
+class ExpertTensors:
+    """Routed experts as a runtime packer takes them: w13 [E, 2I, H] (gate rows, then up rows)
+    and w2 [E, H, I], float or float8_e4m3fn. With `scales` (f32 per row per group of `group`
+    columns: w13 [E, 2I, H/g], w2 [E, H, I/g]) the values lie on that format's grid and pack
+    as they are, with no dequantize-requantize round trip: float values w = q * scale (+ offset:
+    `offsets`, same shapes, for grids with zero points), fp8 values times their scale."""
+
+    w13: Tensor
+    w2: Tensor
+    group: int = 0
+    scales: tuple[Tensor, Tensor] | None = None
+    offsets: tuple[Tensor, Tensor] | None = None
+
+
 class MoEMethod:
     """How an MoE layer's routed experts are stored in the checkpoint's format.
 
-    NOTE: for now the experts are expanded once at load, layer by layer, to the model dtype the
-    expert backends and the CPU engine's packer read (`dequantize`); a host layer is then packed
-    in the engine's format (--moe-cpu-dtype) and its expanded copy freed, so the whole model is
-    never held expanded in host RAM. Kernels that read the formats directly come next.
+    Experts in host RAM go to their runtime as `expert_tensors` (the checkpoint's own values
+    where the runtime keeps its format). Experts on the device are expanded once at load, layer
+    by layer, to the model dtype the expert backends read (`dequantize`).
     """
 
     def create_weights(self, layer: MoELayer) -> None:
@@ -54,14 +70,32 @@ class MoEMethod:
         raise NotImplementedError
 
     def param_names(self) -> tuple[str, ...]:
-        """The parameters `create_weights` registers (freed after `dequantize`)."""
+        """The parameters `create_weights` registers."""
         raise NotImplementedError
 
-    def int4_group_scales(self, layer: MoELayer, group: int) -> tuple[Tensor, Tensor] | None:
-        """For experts on a symmetric int4 grid in groups of `group` (the engine's): f32 group
-        scales (w13 [E, 2I, H/g], w2 [E, H, I/g]) to pack the expanded weights with, losslessly;
-        None otherwise (the engine then requantizes)."""
-        return None
+    def process_weights_after_loading(self, layer: MoELayer) -> None:
+        """Prepare the loaded experts once (e.g. quantize them, for online formats)."""
+
+    def runs_on(self, device: torch.device) -> bool:
+        """Whether a fused MoE kernel reads these experts on `device` in this format (`apply`);
+        otherwise device experts are expanded to the model dtype at load."""
+        return False
+
+    def prepare_device(self, layer: MoELayer) -> None:
+        """Once, before `apply`: e.g. repack for the kernel."""
+
+    def apply(
+        self, layer: MoELayer, hidden: Tensor, topk_weights: Tensor, topk_ids: Tensor
+    ) -> Tensor:
+        """hidden [T, H] through the routed experts in this format -> [T, H]."""
+        raise NotImplementedError
+
+    def expert_tensors(self, layer: MoELayer, fmt: str, dtype: torch.dtype) -> ExpertTensors:
+        """The experts for a runtime that stores them as `fmt` (an expert format name, e.g.
+        "int4", "fp8"): this format's own grid where it is `fmt`'s, else dequantized to
+        `dtype` (the runtime then converts them)."""
+        w13, w2 = self.dequantize(layer, dtype)
+        return ExpertTensors(w13, w2)
 
 
 class QuantizationConfig:
@@ -78,9 +112,10 @@ class QuantizationConfig:
         layers the checkpoint leaves unquantized get the plain one."""
         raise NotImplementedError
 
-    def moe_int4_group(self) -> int | None:
-        """The group size when the routed experts are stored as a symmetric int4 grid that the
-        CPU engine packs losslessly (so `--moe-cpu-dtype keep` keeps int4); else None."""
+    def moe_kept_format(self) -> tuple[str, int] | None:
+        """(expert format, group size) that keeps the routed experts' own values in the CPU
+        expert engine (`--moe-cpu-dtype keep`), e.g. ("int4", 32) or ("fp8", 128); None when
+        the engine has no such format (the experts then go in the model dtype)."""
         return None
 
     def moe_method(self, prefix: str, gate_proj: str = "gate_proj") -> MoEMethod | None:
@@ -88,6 +123,13 @@ class QuantizationConfig:
         ignore lists and targets spell it; `gate_proj` names an expert's gate projection there);
         None when they are plain."""
         return None
+
+    def checkpoint_tensors(
+        self, weights: Iterable[tuple[str, Tensor]]
+    ) -> Iterable[tuple[str, Tensor]]:
+        """The checkpoint's (name, tensor) pairs as this format's parameters take them: a format
+        published in another layout renames and repacks them here, one tensor at a time."""
+        return weights
 
     def describe(self) -> str:
         """One line for the start-up log."""

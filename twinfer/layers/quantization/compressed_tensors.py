@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from twinfer.layers.quantization.base import (
+    ExpertTensors,
     LinearMethod,
     MoEMethod,
     QuantizationConfig,
@@ -41,6 +42,8 @@ class IntWeightScheme:
     num_bits: int
     group_size: int | None  # None: one scale per output channel
     symmetric: bool
+    # `weight_g_idx` [K]: the group of each input column (GPTQ's act-order), not column // g.
+    g_idx: bool = False
 
 
 class CompressedTensorsConfig(QuantizationConfig):
@@ -81,9 +84,10 @@ class CompressedTensorsConfig(QuantizationConfig):
         scheme = schemes.pop()
         return UnquantizedLinearMethod() if scheme is None else PackedIntLinearMethod(scheme)
 
-    def moe_int4_group(self) -> int | None:
-        groups = {s.group_size if _engine_keeps(s) else None for _, s in self.groups}
-        return groups.pop() if len(groups) == 1 else None
+    def moe_kept_format(self) -> tuple[str, int] | None:
+        kept = {(_engine_format(s), s.group_size) for _, s in self.groups}
+        fmt, group = kept.pop() if len(kept) == 1 else (None, None)
+        return None if fmt is None else (fmt, group)
 
     def moe_method(self, prefix: str, gate_proj: str = "gate_proj") -> MoEMethod | None:
         # The checkpoints store per-expert Linear modules: expert 0's gate stands for them all.
@@ -118,25 +122,37 @@ def _scheme(name: str, weights: dict[str, Any] | None) -> IntWeightScheme:
             f"compressed-tensors config group {name}: {kind} {bits}-bit weights are not "
             "supported by pack-quantized loading; int4 and int8 are."
         )
-    if weights.get("actorder") not in (None, "static", "weight"):  # "weight": no g_idx stored
+    actorder = weights.get("actorder")
+    if actorder not in (None, "static", "weight", "group"):  # "weight": no g_idx stored
         raise ValueError(
-            f"compressed-tensors config group {name} uses actorder {weights['actorder']!r} "
-            "(a g_idx permutation), which twinfer does not load yet."
+            f"compressed-tensors config group {name} uses actorder {actorder!r}; twinfer loads "
+            "none, static, weight and group."
         )
     if strategy == "channel":
         return IntWeightScheme(bits, None, bool(weights.get("symmetric", True)))
+    g_idx = actorder == "group"
     group = weights.get("group_size")
     if strategy != "group" or not isinstance(group, int) or group < 1:
         raise ValueError(
             f"compressed-tensors config group {name}: strategy {strategy!r} with group_size "
             f"{group!r}; twinfer loads the group (with a positive group_size) and channel ones."
         )
-    return IntWeightScheme(bits, group, bool(weights.get("symmetric", True)))
+    return IntWeightScheme(bits, group, bool(weights.get("symmetric", True)), g_idx)
 
 
-def _engine_keeps(scheme: IntWeightScheme) -> bool:
-    """The CPU engine's int4 layout: symmetric groups of 32, 64 or 128 (no zero points)."""
-    return scheme.num_bits == 4 and scheme.symmetric and scheme.group_size in (32, 64, 128)
+def _engine_format(scheme: IntWeightScheme) -> str | None:
+    """The CPU engine's format that keeps this scheme's values: int4 (symmetric) or int4z (zero
+    points) in groups of 32, 64 or 128 in column order; None when it has none."""
+    if scheme.num_bits != 4 or scheme.group_size not in (32, 64, 128) or scheme.g_idx:
+        return None
+    return "int4" if scheme.symmetric else "int4z"
+
+
+def compact_scales(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Scales in the model dtype when that is exact (checkpoints mostly store bf16 scales: half
+    the bytes of float32 for a kernel to read), else float32."""
+    small = scale.to(dtype)
+    return small if torch.equal(small.float(), scale.float()) else scale.float()
 
 
 class PackedIntLinearMethod(LinearMethod):
@@ -166,9 +182,25 @@ class PackedIntLinearMethod(LinearMethod):
             zp = torch.empty(-(-n // per_word), k // group, dtype=torch.int32)
             layer.weight_zero_point = quant_param(zp, layer)
             layer.weight_zero_point.block_size = (per_word, group)
+        if self.scheme.g_idx:
+            g_idx = torch.nn.Parameter(torch.empty(k, dtype=torch.int32), requires_grad=False)
+            g_idx.weight_loader = load_g_idx
+            layer.weight_g_idx = g_idx
+        layer.input_perm = None  # act-order: x's columns in group order (see `sort_groups`)
+        layer.gpu_int4 = None  # (qweight, scales, zeros) for the Triton W4A16 GEMM
         layer.quant_dtype = torch.get_default_dtype()  # the model dtype the layer computes in
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
+        if self.scheme.g_idx:
+            self.sort_groups(layer)
+        if self._uses_gpu_kernel(layer):
+            from twinfer.layers.quantization.triton_kernels import repack_w4a16, unpack_int4_rows
+
+            zp = getattr(layer, "weight_zero_point", None)
+            zeros = None if zp is None else unpack_int4_rows(zp.data, layer.output_size_local)
+            scale = compact_scales(layer.weight_scale.data, layer.quant_dtype)
+            layer.gpu_int4 = repack_w4a16(layer.weight_packed.data, scale, zeros)
+            return
         if not self._uses_int4_kernel(layer):
             return
         q, zero_point = self.integers(layer)  # q [N, K] and zero points [N, K/g], signed
@@ -181,6 +213,28 @@ class PackedIntLinearMethod(LinearMethod):
         for name in ("weight_packed", "weight_scale", "weight_zero_point"):
             if hasattr(layer, name):
                 getattr(layer, name).data = getattr(layer, name).data.new_empty(0)
+
+    def sort_groups(self, layer: LinearBase) -> None:
+        """Act-order (g_idx): W's columns reordered so each group is contiguous, and x's columns
+        with them at run time (`input_perm`): x W^T = x[:, perm] W[:, perm]^T."""
+        k, group = layer.input_size_local, self.scheme.group_size or layer.input_size_local
+        g_idx = layer.weight_g_idx.data.long()
+        del layer.weight_g_idx
+        if torch.equal(g_idx, torch.arange(k, device=g_idx.device) // group):
+            return  # already in column order
+        perm = torch.argsort(g_idx, stable=True)
+        if not torch.equal(g_idx[perm], torch.arange(k, device=g_idx.device) // group):
+            raise ValueError(
+                f"{layer.prefix}: weight_g_idx does not give every group exactly {group} "
+                "columns; the checkpoint's act-order indices are corrupt."
+            )
+        q = unpack_int32(layer.weight_packed.data, self.scheme.num_bits, k)[:, perm]
+        layer.weight_packed.data = pack_int32(q, self.scheme.num_bits)
+        layer.input_perm = perm
+
+    def _uses_gpu_kernel(self, layer: LinearBase) -> bool:
+        group = self.scheme.group_size or layer.input_size_local
+        return layer.weight_packed.is_cuda and self.scheme.num_bits == 4 and group % 16 == 0
 
     def _uses_int4_kernel(self, layer: LinearBase) -> bool:
         group = self.scheme.group_size or layer.input_size_local
@@ -200,6 +254,15 @@ class PackedIntLinearMethod(LinearMethod):
         )
 
     def apply(self, layer: LinearBase, x: Tensor, bias: Tensor | None) -> Tensor:
+        if layer.input_perm is not None:
+            x = x.index_select(-1, layer.input_perm)
+        if layer.gpu_int4 is not None:
+            from twinfer.layers.quantization.triton_kernels import w4a16_matmul
+
+            group = self.scheme.group_size or layer.input_size_local
+            rows = x.reshape(-1, x.shape[-1])
+            y = w4a16_matmul(rows, *layer.gpu_int4, group, bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         if layer.int4_weight is not None:
             return int4_linear(x, layer.int4_weight, bias)
         q, zero_point = self.integers(layer)
@@ -212,7 +275,14 @@ class PackedIntMoEMethod(MoEMethod):
     packed along the rows; w13's rows are the gate's, then the up projection's."""
 
     def __init__(self, scheme: IntWeightScheme) -> None:
+        if scheme.g_idx:
+            raise ValueError(
+                "this checkpoint quantizes routed experts with act-order (g_idx), which twinfer "
+                "does not load yet; use a checkpoint without act-order (desc_act false) or with "
+                "static/weight act-order."
+            )
         self.scheme = scheme
+        self.gpu: tuple | None = None  # (w13, w2, MoEQuant) for the fused Triton MoE
 
     def param_names(self) -> tuple[str, ...]:
         names = ("weight_packed", "weight_scale")
@@ -220,10 +290,63 @@ class PackedIntMoEMethod(MoEMethod):
             names += ("weight_zero_point",)
         return tuple(f"{w}_{name}" for w in ("w13", "w2") for name in names)
 
-    def int4_group_scales(self, layer: MoELayer, group: int) -> tuple[Tensor, Tensor] | None:
-        if not _engine_keeps(self.scheme) or self.scheme.group_size != group:
-            return None
-        return layer.w13_weight_scale.data.contiguous(), layer.w2_weight_scale.data.contiguous()
+    def expert_tensors(self, layer: MoELayer, fmt: str, dtype: torch.dtype) -> ExpertTensors:
+        # NOTE: the model dtype is enough: (q - z) s rounded to bf16 is off by at most 15 * 2^-9
+        # of s, so the packer's round((w - m) / s) recovers q exactly (with f32 scales).
+        w13, w2 = self.dequantize(layer, dtype)
+        if fmt != _engine_format(self.scheme):
+            return ExpertTensors(w13, w2)
+        scales = (layer.w13_weight_scale.data.float(), layer.w2_weight_scale.data.float())
+        offsets = None
+        if not self.scheme.symmetric:  # W = (q - 8) s + (8 - z) s: offset m = -(z - 8) s
+            zero13, zero2 = self.zero_points(layer)
+            offsets = (-zero13.float() * scales[0], -zero2.float() * scales[1])
+        return ExpertTensors(w13, w2, self.scheme.group_size, scales, offsets)
+
+    def zero_points(self, layer: MoELayer) -> tuple[Tensor, Tensor]:
+        """Signed zero points (z - 8) per row and group: w13 [E, 2I, H/g], w2 [E, H, I/g]."""
+        i, h = layer.intermediate_size_local, layer.hidden_size
+        zp13, zp2 = layer.w13_weight_zero_point.data, layer.w2_weight_zero_point.data
+        half = zp13.shape[1] // 2  # gate and up are packed apart
+        bits = self.scheme.num_bits
+        z13 = torch.stack(
+            [
+                torch.cat(
+                    [unpack_int32(z[:half].t(), bits, i), unpack_int32(z[half:].t(), bits, i)], 1
+                )
+                for z in zp13
+            ]
+        ).transpose(1, 2)
+        z2 = torch.stack([unpack_int32(z.t(), bits, h) for z in zp2]).transpose(1, 2)
+        return z13, z2
+
+    def runs_on(self, device: torch.device) -> bool:
+        group = self.scheme.group_size
+        return device.type == "cuda" and self.scheme.num_bits == 4 and group and group % 16 == 0
+
+    def prepare_device(self, layer: MoELayer) -> None:
+        if self.gpu is not None:
+            return
+        from twinfer.layers.moe.triton_kernels import repack_moe_w4a16
+
+        zp13 = getattr(layer, "w13_weight_zero_point", None)
+        zp2 = getattr(layer, "w2_weight_zero_point", None)
+        self.gpu = repack_moe_w4a16(
+            layer.w13_weight_packed.data,
+            compact_scales(layer.w13_weight_scale.data, layer.dtype),
+            layer.w2_weight_packed.data,
+            compact_scales(layer.w2_weight_scale.data, layer.dtype),
+            None if zp13 is None else zp13.data,
+            None if zp2 is None else zp2.data,
+        )
+
+    def apply(
+        self, layer: MoELayer, hidden: Tensor, topk_weights: Tensor, topk_ids: Tensor
+    ) -> Tensor:
+        from twinfer.layers.moe.triton_kernels import fused_moe
+
+        w13, w2, quant = self.gpu
+        return fused_moe(hidden, topk_weights, topk_ids, w13, w2, quant=quant)
 
     def create_weights(self, layer: MoELayer) -> None:
         e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size_local
@@ -285,6 +408,36 @@ def dequantize_ints(q: Tensor, zero_point: Tensor, scale: Tensor, dtype: torch.d
     group = q.shape[1] // scale.shape[1]
     zero = zero_point.repeat_interleave(group, 1).float()
     return ((q.float() - zero) * scale.repeat_interleave(group, 1)).to(dtype)
+
+
+def load_g_idx(param: Tensor, loaded: Tensor, shard_id: object = None) -> None:
+    """One column order for a fused layer: its projections (q, k, v; gate, up) share their
+    input, so act-order quantization gives them the same g_idx."""
+    if loaded.shape != param.shape:
+        raise ValueError(
+            f"weight_g_idx has {list(loaded.shape)} entries but the layer has {param.shape[0]} "
+            "input columns; the checkpoint does not match config.json."
+        )
+    first = getattr(param, "g_idx_loaded", False)
+    if first and not torch.equal(param.data, loaded.to(param.dtype)):
+        raise ValueError(
+            "the projections of a fused layer (q/k/v or gate/up) have different act-order "
+            "g_idx; twinfer fuses them into one layer, which needs one column order."
+        )
+    param.data.copy_(loaded)
+    param.g_idx_loaded = True
+
+
+def pack_int32(q: Tensor, bits: int) -> Tensor:
+    """q [R, C] signed (offset by 2^(b-1) when stored) -> int32 [R, ceil(C*b/32)], element i at
+    bits i*b of its row: the inverse of `unpack_int32`."""
+    per_word = 32 // bits
+    rows, cols = q.shape
+    values = (q.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
+    values = torch.nn.functional.pad(values, (0, -cols % per_word)).reshape(rows, -1, per_word)
+    shifts = torch.arange(per_word, device=q.device, dtype=torch.int64) * bits
+    words = (values << shifts).sum(-1)  # < 2^32: each value has its own bits
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack_int32(packed: Tensor, bits: int, count: int) -> Tensor:

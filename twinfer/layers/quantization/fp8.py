@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from twinfer.layers.quantization.base import (
+    ExpertTensors,
     LinearMethod,
     MoEMethod,
     QuantizationConfig,
@@ -78,6 +79,12 @@ class Fp8Config(QuantizationConfig):
             return None
         return Fp8BlockMoEMethod(self.block)
 
+    def moe_kept_format(self) -> tuple[str, int] | None:
+        # The engine's fp8 keeps a scale per row per group of 32/64/128 columns: a block's
+        # scale is repeated over its rows.
+        bn, bk = self.block
+        return ("fp8", bk) if bk in (32, 64, 128) else None
+
     def describe(self) -> str:
         return f"fp8 (e4m3, blocks of {self.block[0]}x{self.block[1]}, dynamic activations)"
 
@@ -96,10 +103,12 @@ def is_ignored(prefix: str, ignored: list[str]) -> bool:
 
 
 class Fp8BlockLinearMethod(LinearMethod):
-    """Keeps the FP8 bytes and block scales; applies W dequantized to the activations' dtype.
+    """Keeps the FP8 bytes and block scales. On a GPU: the Triton W8A8 block GEMM (activations
+    quantized per token and bk columns, DeepSeek's recipe). Elsewhere W dequantized to the
+    activations' dtype.
 
-    NOTE: the reference path (CPU, or any device without an FP8 kernel): each call expands the
-    weight, which costs a [N, K] temporary; the memory held stays 1 byte per weight.
+    NOTE: the reference path (the CPU has no FP8 GEMM) expands the weight each call, which costs
+    a [N, K] temporary; the memory held stays 1 byte per weight.
     """
 
     def __init__(self, block: tuple[int, int]) -> None:
@@ -114,8 +123,27 @@ class Fp8BlockLinearMethod(LinearMethod):
         layer.weight_scale_inv = scale
 
     def apply(self, layer: LinearBase, x: Tensor, bias: Tensor | None) -> Tensor:
+        if x.is_cuda:
+            from twinfer.layers.quantization.triton_kernels import w8a8_block_fp8_matmul
+
+            rows = x.reshape(-1, x.shape[-1])
+            y = w8a8_block_fp8_matmul(rows, layer.weight, layer.weight_scale_inv, self.block, bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         w = dequantize_blocks(layer.weight, layer.weight_scale_inv, self.block, x.dtype)
         return F.linear(x, w, bias)
+
+
+def quantize_blocks(w: Tensor, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (FP8 e4m3 [N, K], float32 scales [ceil(N/bn), ceil(K/bk)]): each block's
+    scale is its absmax / 448 (e4m3's largest), so w ~ fp8 * scale (`dequantize_blocks`)."""
+    n, k = w.shape
+    bn, bk = block
+    padded = torch.nn.functional.pad(w.float(), (0, -k % bk, 0, -n % bn))
+    blocks = padded.reshape(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk)
+    scale = blocks.abs().amax(dim=(1, 3)) / torch.finfo(FP8_DTYPE).max  # [N/bn, K/bk]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (blocks / safe[:, None, :, None]).reshape(padded.shape)[:n, :k].to(FP8_DTYPE)
+    return q.contiguous(), scale
 
 
 def dequantize_blocks(
@@ -131,11 +159,29 @@ class Fp8BlockMoEMethod(MoEMethod):
     """Routed experts as published: w13 [E, 2I, H] and w2 [E, H, I] in FP8 with block scales;
     w13's scale rows hold the gate's blocks, then the up projection's."""
 
+    names = ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv")
+
     def __init__(self, block: tuple[int, int]) -> None:
         self.block = block
+        self.quantized = True
 
     def param_names(self) -> tuple[str, ...]:
-        return ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv")
+        return self.names
+
+    def runs_on(self, device: torch.device) -> bool:
+        return device.type == "cuda"  # the fused Triton MoE reads block FP8
+
+    def apply(
+        self, layer: MoELayer, hidden: Tensor, topk_weights: Tensor, topk_ids: Tensor
+    ) -> Tensor:
+        from twinfer.layers.moe.triton_kernels import MoEQuant, fused_moe
+
+        quant = MoEQuant(
+            "fp8_block", layer.w13_weight_scale_inv, layer.w2_weight_scale_inv, block=self.block
+        )
+        return fused_moe(
+            hidden, topk_weights, topk_ids, layer.w13_weight, layer.w2_weight, quant=quant
+        )
 
     def create_weights(self, layer: MoELayer) -> None:
         e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size_local
@@ -162,3 +208,28 @@ class Fp8BlockMoEMethod(MoEMethod):
                 layer.w2_weight[e], layer.w2_weight_scale_inv[e], self.block, dtype
             )
         return w13, w2
+
+    def expert_tensors(self, layer: MoELayer, fmt: str, dtype: torch.dtype) -> ExpertTensors:
+        if fmt != "fp8" or self.block[1] not in (32, 64, 128):
+            return super().expert_tensors(layer, fmt, dtype)
+        i, h = layer.intermediate_size_local, layer.hidden_size
+        half = layer.w13_weight_scale_inv.shape[1] // 2
+        s13 = layer.w13_weight_scale_inv.data
+        scales = (
+            torch.cat(
+                [self.row_scales(s13[:, :half], i, h), self.row_scales(s13[:, half:], i, h)], 1
+            ),
+            self.row_scales(layer.w2_weight_scale_inv.data, h, i),
+        )
+        w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+        return ExpertTensors(w13, w2, self.block[1], scales)
+
+    def row_scales(self, scale: Tensor, rows: int, cols: int) -> Tensor:
+        """Block scales [E, ceil(R/bn), ceil(C/bk)] -> f32 per row per group of bk [E, R, C/bk]
+        (C a multiple of bk)."""
+        if cols % self.block[1]:
+            raise ValueError(
+                f"expert input size {cols} is not a multiple of the FP8 block's {self.block[1]} "
+                "columns; use --moe-cpu-dtype bf16 for this checkpoint."
+            )
+        return scale.float().repeat_interleave(self.block[0], 1)[:, :rows].contiguous()

@@ -23,8 +23,6 @@ from twinfer.layers.quantization.unquantized import UnquantizedLinearMethod
 if TYPE_CHECKING:
     from twinfer.layers.linear import LinearBase
 
-ONLINE_METHODS = ("int4", "sym_int4")
-
 
 class OnlineInt4Config(QuantizationConfig):
     name = "int4"
@@ -32,6 +30,19 @@ class OnlineInt4Config(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> OnlineInt4Config:
         return cls()
+
+    @staticmethod
+    def check_device(device: torch.device, dtype: torch.dtype) -> None:
+        if device.type != "cpu":
+            raise ValueError(
+                "--quantization int4 runs on the CPU's int4 kernel; on a GPU use --quantization "
+                "fp8 (or drop the flag)."
+            )
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                "--quantization int4 computes with bf16/fp16 activations (torch's int4 kernel); "
+                "add --dtype bfloat16."
+            )
 
     def linear_method(self, prefix: str) -> LinearMethod:
         # NOTE: routers stay exact: a rounded router picks other experts (quantized checkpoints

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec = bench_sub.add_parser("decode", help="CPU decode tokens/s vs transformers generate.")
     cpu_decode.add_cli_args(dec)
     dec.set_defaults(func=cpu_decode.main)
-    from twinfer.bench import gpu, hybrid, hybrid_prefill, latency, serve, throughput
+    from twinfer.bench import gpu, hybrid, hybrid_prefill, latency, load, serve, throughput
 
     for name, module, about in (
         ("gpu", gpu, "GPU decode (batch 1, 64) and 512-token prefill tokens/s with bounds."),
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
             hybrid_prefill,
             "Host experts streamed to the GPU for long prompts: prefill, TTFT, ITL beside it.",
         ),
+        ("load", load, "Load time and peak host RAM of the benchmark model from block FP8."),
         ("serve", serve, "Latency and throughput of an OpenAI-compatible server under load."),
         ("latency", latency, "Offline engine: latency of one batch."),
         ("throughput", throughput, "Offline engine: tokens/s over many prompts."),

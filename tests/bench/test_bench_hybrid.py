@@ -70,13 +70,31 @@ def test_bench_hybrid_cpu(tiny_checkpoints, tmp_path: Path, capsys, monkeypatch)
     assert set(ram["by_dtype"]) == {"bf16", "int4"} and ram["config"]["dtype"] in ram["by_dtype"]
 
 
+def test_bench_hybrid_checkpoint_format(tiny_checkpoints, tmp_path: Path, monkeypatch) -> None:
+    """--dtypes ct_int4: the model's shape as a compressed-tensors INT4 g32 checkpoint, its experts
+    kept as int4 g32 on the CPU engine; the bound counts those bytes."""
+    monkeypatch.setattr(hybrid, "_KERNEL_SECONDS", 0.2)
+    model = str(tiny_checkpoints("qwen3-moe-tiny"))
+    args = parse(
+        "--model", model, "--device", "cpu", "--input-len", "8", "--output-len", "12",
+        "--threads", "1", "--dtypes", "ct_int4", "--dram-gbps", "10",
+        "--results-dir", str(tmp_path),
+    )  # fmt: skip
+    assert hybrid.main(args) == 0
+    r = load(tmp_path, "hybrid_decode_bs1_ct_int4")
+    assert r["config"]["host_format"] == "int4" and r["config"]["group_size"] == 32
+    int4_g32 = 2 * 2 * 3 * 64 * 32 // 2 * (1 + 4 / 16)  # 4 bits + an f32 scale per 32: 5 bits
+    assert r["bound_basis"]["host_bytes_per_token"] == pytest.approx(int4_g32, rel=0.1)
+
+
 def test_bench_hybrid_flags(capsys) -> None:
     """More threads than cores run on the cores there are; bad flags are errors with the fix."""
     args = parse("--device", "cpu", "--threads", "100000")
     assert hybrid._prepare(args) is None
     assert args.threads == CpuTopology.detect().physical_cores
     assert "running" in capsys.readouterr().out
-    assert "bf16, int8 and int4" in hybrid._prepare(parse("--device", "cpu", "--dtypes", "fp8"))
+    bad = hybrid._prepare(parse("--device", "cpu", "--dtypes", "fp4"))
+    assert "bf16, int8, int4, fp8 and ct_int4" in bad
     if not torch.cuda.is_available():
         assert hybrid.main(parse("--device", "cuda")) == 2
         assert "--device cpu" in capsys.readouterr().out

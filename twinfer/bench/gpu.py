@@ -9,12 +9,16 @@ random weights, everything on the GPU):
   (dense + every routed expert its tokens touch) over HBM GB/s.
 - `gpu_decode_c64_bf16`: aggregate decode tokens/s of 64 concurrent sequences; bound as for
   batch 1 with the experts 64 tokens touch and 64 contexts of KV.
+With --weight-formats bf16,fp8,ct_int4 the same figures come for the model as a block-FP8 and a
+compressed-tensors INT4 checkpoint (`gpu_decode_bs1_fp8`, ...; bench/formats.py), each bound on
+that format's bytes (the LM head stays bf16, as the checkpoints keep it).
 Times include the whole engine step (scheduler, input preparation, sampling), as a user sees it.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -54,9 +58,21 @@ def add_common_args(
     add_result_args(parser)
 
 
+WEIGHT_FORMATS = ("bf16", "fp8", "ct_int4")
+# The bytes a weight of each format takes on disk (ModelCost's names): ct_int4 is 4 bits and a
+# 16-bit scale per 32 weights.
+_COST_DTYPE = {"bf16": "bfloat16", "fp8": "fp8", "ct_int4": "int4"}
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser, input_len=128, output_len=128, concurrency=64)
     parser.add_argument("--prefill-len", type=int, default=512, help="Prompt tokens timed.")
+    parser.add_argument(
+        "--weight-formats",
+        default="bf16",
+        help="The benchmark model's checkpoint formats, in order: bf16, fp8 (block FP8), "
+        "ct_int4 (compressed-tensors INT4 g32); each gets its own figures.",
+    )
 
 
 def _bench_model(args: argparse.Namespace, work: Path) -> tuple[str, str]:
@@ -165,72 +181,95 @@ def _profile(
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from twinfer import LLM
     from twinfer.bench.check import measure_bf16_tflops, measure_hbm_gbps
-    from twinfer.bench.model_cost import ModelCost
 
     if not torch.cuda.is_available():
         print("error: twinfer bench gpu needs a CUDA GPU; on the CPU use twinfer bench decode.")
         return 2
+    formats = [f.strip() for f in args.weight_formats.split(",") if f.strip()]
+    if bad := [f for f in formats if f not in WEIGHT_FORMATS]:
+        print(f"error: --weight-formats {','.join(bad)}: choose from {', '.join(WEIGHT_FORMATS)}.")
+        return 2
+    if args.model is not None and formats != ["bf16"]:
+        print("error: --weight-formats makes the benchmark model in those formats; drop --model.")
+        return 2
     hbm = measure_hbm_gbps()
     tflops = measure_bf16_tflops()
     print(f"machine: HBM {hbm:.0f} GB/s, bf16 {tflops:.0f} TFLOP/s")
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         model, load_format = _bench_model(args, Path(tmp))
-        cost = ModelCost.from_pretrained(model, "bfloat16")
-        max_len = max(args.input_len + args.output_len, args.prefill_len) + 16
-        llm = LLM(
-            model,
-            dtype="bfloat16",
-            load_format=load_format,
-            max_model_len=max_len,
-            max_num_seqs=max(args.concurrency, 1),
-            enforce_eager=args.enforce_eager,
-        )
+        for fmt in formats:
+            _run_format(args, fmt, model, load_format, hbm, tflops)
+            gc.collect()
+            torch.cuda.empty_cache()
+    return 0
+
+
+def _run_format(
+    args: argparse.Namespace, fmt: str, model: str, load_format: str, hbm: float, tflops: float
+) -> None:
+    """One weight format's figures: decode at batch 1 and at --concurrency, prefill."""
+    from twinfer import LLM
+    from twinfer.bench.model_cost import ModelCost
+
+    rng = np.random.default_rng(0)
+    cost = ModelCost.from_pretrained(model, _COST_DTYPE[fmt])
+    # NOTE: checkpoints in a weight format keep the LM head in the model dtype (bf16).
+    head_extra = 0 if fmt == "bf16" else cost.lm_head_params * (2 - cost.bytes_per_param)
+    if fmt != "bf16":  # the model's shape as such a checkpoint, its weights random
+        from twinfer.bench.formats import with_format
+
+        model = str(with_format(model, fmt, Path(model).parent / f"{Path(model).name}-{fmt}"))
+        load_format = "dummy"
+    max_len = max(args.input_len + args.output_len, args.prefill_len) + 16
+    llm = LLM(
+        model,
+        dtype="bfloat16",
+        load_format=load_format,
+        max_model_len=max_len,
+        max_num_seqs=max(args.concurrency, 1),
+        enforce_eager=args.enforce_eager,
+    )
     vocab = llm.engine.info.vocab_size
     shape = {
         "model": BENCH_SHAPE if args.model is None else args.model,
         "num_layers": cost.num_layers,
         "dtype": "bfloat16",
+        "weight_format": fmt if fmt == "bf16" else llm.engine.info.quant_config.describe(),
         "placement": "all on the GPU",
         "cuda_graphs": llm.engine.runner.graphs is not None,
         "attention_backend": llm.engine.runner.attn_backend.name,
-        "weight_bytes": cost.weight_bytes,
+        "weight_bytes": cost.weight_bytes + head_extra,
     }
     basis = {"hbm_gbps": round(hbm, 1), "bf16_tflops": round(tflops, 1)}
-    results = []
     for batch in (1, args.concurrency):
         prompts = rng.integers(100, vocab, size=(batch, args.input_len)).tolist()
         rate = _decode_rate(llm, prompts, args.output_len)
         # Mean context over the measured steps: the prompt plus half the output.
         context = args.input_len + args.output_len // 2
-        bound = cost.decode_bound_tokens_per_s(batch, context, hbm)
-        name = "gpu_decode_bs1_bf16" if batch == 1 else f"gpu_decode_c{batch}_bf16"
+        step_bytes = cost.decode_bytes_per_step(batch, context) + head_extra
+        bound = batch * hbm * 1e9 / step_bytes
+        name = f"gpu_decode_bs1_{fmt}" if batch == 1 else f"gpu_decode_c{batch}_{fmt}"
         config = {**shape, "batch": batch, "input_len": args.input_len}
         config["output_len"] = args.output_len
-        extra: dict[str, Any] = {
-            "bytes_per_step": round(cost.decode_bytes_per_step(batch, context))
-        }
+        extra: dict[str, Any] = {"bytes_per_step": round(step_bytes)}
         if args.profile:
             extra.update(_profile(llm, prompts))
-        results.append(
-            write_result(
-                results_dir(args), name, rate, "tokens/s", bound, config, bound_basis=basis, **extra
-            )
+        write_result(
+            results_dir(args), name, rate, "tokens/s", bound, config, bound_basis=basis, **extra
         )
     rate = _prefill_rate(llm, rng, args.prefill_len, vocab)
+    # NOTE: the prefill bound counts bf16 FLOPs for every format (H100 FP8 tensor cores are 2x,
+    # but the activations' quantization and the block scales cost too): a conservative bound.
     bound = cost.prefill_bound_tokens_per_s(args.prefill_len, tflops, hbm)
-    results.append(
-        write_result(
-            results_dir(args),
-            f"gpu_prefill_{args.prefill_len}_bf16",
-            rate,
-            "tokens/s",
-            bound,
-            {**shape, "prompt_len": args.prefill_len},
-            bound_basis=basis,
-            flops=cost.prefill_flops(args.prefill_len),
-        )
+    write_result(
+        results_dir(args),
+        f"gpu_prefill_{args.prefill_len}_{fmt}",
+        rate,
+        "tokens/s",
+        bound,
+        {**shape, "prompt_len": args.prefill_len},
+        bound_basis=basis,
+        flops=cost.prefill_flops(args.prefill_len),
     )
-    return 0
+    del llm

@@ -5,6 +5,10 @@ Figures (DESIGN.md's benchmark model as in `bench gpu`; bf16 dense part, 16 expe
 - `hybrid_decode_bs1_bf16`, `hybrid_decode_bs1_int4`: decode tokens/s of one sequence; bound:
   measured DRAM read GB/s over the host-expert bytes a token reads (top-k packed experts of every
   layer, int4 with its scales). Targets: 0.85 and 0.70 of the bound.
+- `hybrid_decode_bs1_fp8`, `hybrid_decode_bs1_ct_int4`: the same from a block-FP8 checkpoint and a
+  compressed-tensors INT4 g32 one of the model's shape (bench/formats.py; random weights), experts
+  kept in the checkpoint's format (--moe-cpu-dtype keep). Targets: 0.75 of the bound; ct_int4 at
+  least the int4 figure.
 - `hybrid_decode_c8_int4`: aggregate decode tokens/s of 8 sequences; bound: DRAM GB/s over the
   bytes of the distinct experts 8 tokens touch (uniform routing: ~52 of 128 per layer at top-8);
   beside it the speedup over batch 1 of the same run (target 3x).
@@ -33,7 +37,10 @@ from twinfer.bench.results import results_dir, write_result
 # Targets on the ratio (value / bound) of each figure, from the issue.
 TARGETS = {
     "hybrid_decode_bs1_bf16": 0.85, "hybrid_decode_bs1_int4": 0.70, "cpu_expert_kernel_bw": 0.85,
+    "hybrid_decode_bs1_fp8": 0.75,
 }  # fmt: skip
+# --dtypes naming a checkpoint format (bench/formats.py): the model is that checkpoint, kept.
+CHECKPOINT_DTYPES = ("fp8", "ct_int4")
 BATCH_SPEEDUP = 3.0  # hybrid_decode_c8_int4's target: this many times batch 1
 HOST_RAM_BOUND = 1.1  # host RAM in use per byte of experts placed there
 _KERNEL_SECONDS = 1.0  # per dtype: ~100 passes over all host layers on the benchmark model
@@ -43,7 +50,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser, input_len=64, output_len=64, concurrency=8)
     parser.add_argument("--threads", type=int, default=16, help="CPU expert threads.")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size.")
-    parser.add_argument("--dtypes", default="bf16,int4", help="Host expert formats, in order.")
+    parser.add_argument(
+        "--dtypes",
+        default="bf16,int4",
+        help="Host expert formats, in order: bf16, int8, int4 (from the bf16 model), or fp8, "
+        "ct_int4 (the model as a block-FP8 / compressed-tensors INT4 g32 checkpoint, kept).",
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), help="Default: cuda if there is one.")
     parser.add_argument(
         "--dram-gbps", type=float, default=None, help="DRAM read GB/s (default: measure)."
@@ -141,12 +153,20 @@ def _build(args: argparse.Namespace, model: str, load_format: str, dtype: str) -
 
     gc.collect()
     before = rss_anon()
-    llm = LLM(
-        model, dtype="bfloat16", load_format=load_format, device=args.device, cpu_moe=True,
-        moe_cpu_dtype=dtype, moe_cpu_group_size=args.group_size, moe_cpu_threads=args.threads,
-        max_model_len=args.input_len + max(args.output_len, 72) + 16,  # _profile: 64 steps
-        max_num_seqs=max(8, args.concurrency), enforce_eager=args.enforce_eager,
-    )  # fmt: skip
+    cpu_dtype = "keep" if dtype in CHECKPOINT_DTYPES else dtype
+    with tempfile.TemporaryDirectory(prefix=f"twinfer-{dtype}-") as work:
+        if cpu_dtype == "keep":
+            from twinfer.bench.formats import with_format
+
+            # The model's shape as such a checkpoint, its weights random (as the bench model's).
+            model, load_format = str(with_format(model, dtype, Path(work))), "dummy"
+        llm = LLM(
+            model, dtype="bfloat16", load_format=load_format, device=args.device, cpu_moe=True,
+            moe_cpu_dtype=cpu_dtype, moe_cpu_group_size=args.group_size,
+            moe_cpu_threads=args.threads,
+            max_model_len=args.input_len + max(args.output_len, 72) + 16,  # _profile: 64 steps
+            max_num_seqs=max(8, args.concurrency), enforce_eager=args.enforce_eager,
+        )  # fmt: skip
     gc.collect()
     used, placed = rss_anon() - before, llm.engine.info.moe_plan.bytes_at("host")
     print(f"{dtype}: host RAM +{used / 2**30:.2f} GiB for {placed / 2**30:.2f} GiB of experts")
@@ -166,8 +186,11 @@ def _prepare(args: argparse.Namespace) -> str | None:
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda needs a CUDA GPU; use --device cpu."
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    if bad := [d for d in args.dtypes if d not in ("bf16", "int8", "int4")]:
-        return f"--dtypes {','.join(bad)}: the host expert formats are bf16, int8 and int4."
+    if bad := [d for d in args.dtypes if d not in ("bf16", "int8", "int4", *CHECKPOINT_DTYPES)]:
+        return (
+            f"--dtypes {','.join(bad)}: the host expert formats are bf16, int8, int4, fp8 and "
+            "ct_int4."
+        )
     cores = CpuTopology.detect().physical_cores
     if args.threads > cores:
         print(f"note: --threads {args.threads} but this machine has {cores} physical cores "
@@ -224,7 +247,8 @@ def _run(args: argparse.Namespace, model: str, load_format: str, gbps: float, me
             "num_layers": cost.num_layers, "hidden": s.hidden, "num_experts": s.num_experts,
             "top_k": s.top_k, "expert_inner": s.inner, "weight_dtype": "bfloat16",
             "placement": "all routed experts on the CPU", "dtype": dtype,
-            "group_size": args.group_size if dtype == "int4" else None, "threads": args.threads,
+            "group_size": llm.engine.info.moe_plan.group_size if dtype != "bf16" else None,
+            "host_format": llm.engine.info.moe_plan.host_format, "threads": args.threads,
             "device": args.device, "cuda_graphs": llm.engine.runner.graphs is not None,
             "batch": 1, "input_len": args.input_len, "output_len": args.output_len,
         }  # fmt: skip

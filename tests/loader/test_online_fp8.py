@@ -96,7 +96,7 @@ def test_online_fp8_on_the_gpu_follows_bf16(tiny_checkpoints) -> None:
     params = SamplingParams(temperature=0, max_tokens=16, logprobs=5)
     runs = {}
     for quant in (None, "fp8"):
-        llm = LLM(path, device="cuda", dtype="bfloat16", max_model_len=256, quantization=quant,
+        llm = LLM(path, device="cuda", dtype="bfloat16", max_model_len=2048, quantization=quant,
                   gpu_memory_utilization=UTIL)  # fmt: skip
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         runs[quant] = [(o.outputs[0].token_ids, [set(lp) for lp in o.outputs[0].logprobs])

@@ -234,9 +234,10 @@ def _write_gguf(
     qtype: str = "F32",
     eot: int | None = None,
     extra: dict[str, float] | None = None,
+    qtypes: dict[str, str] | None = None,
 ) -> None:
-    """Convert as llama.cpp does: gguf-py's name table, stacked experts (stored as `qtype`),
-    llama Q/K rows permuted."""
+    """Convert as llama.cpp does: gguf-py's name table, stacked experts (stored as `qtype`, or
+    `qtypes[proj]` for a projection named there), llama Q/K rows permuted."""
     arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
     name_map = get_tensor_name_map(arch_id, LAYERS)
     w = GGUFWriter(path, arch)
@@ -267,7 +268,8 @@ def _write_gguf(
             tensor = _llama_cpp_permute(tensor, HEADS if "q_proj" in base else KV_HEADS)
         w.add_tensor(f"{name_map.get_name(base)}.{suffix}", tensor.numpy())
     for base, experts in stacked.items():
-        data, t = torch.stack(experts).numpy(), GGMLQuantizationType[qtype]  # [E, I, H] / [E, H, I]
+        kind = (qtypes or {}).get(base.rsplit(".", 1)[1], qtype)
+        data, t = torch.stack(experts).numpy(), GGMLQuantizationType[kind]  # [E, I, H] / [E, H, I]
         if t != GGMLQuantizationType.F32:
             data = np_quantize(data, t)
         w.add_tensor(f"{name_map.get_name(base)}.weight", data, raw_dtype=t)

@@ -148,6 +148,8 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:
 
 
 _Q4_0, _Q4_1, _Q4_K = 2, 3, 12  # ggml type ids
+_Q4_TYPES = (_Q4_0, _Q4_1, _Q4_K)
+_DOWN_NAMES = (".down_proj.weight", ".w2.weight")  # an expert's down projection, HF names
 
 
 def q4_grid(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int]):
@@ -479,11 +481,33 @@ class GGUFCheckpoint:
             tok.chat_template = template
         return tok
 
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def q4_expert_parts(self) -> set[tuple[int, str]]:
+        """(layer, "w13" | "w2") of the stacked expert matrices stored as Q4_0 / Q4_1 / Q4_K
+        (w13: gate and up both), which `weights(expert_grids=True)` yields as int4 grids."""
+        kinds: dict[int, set[str]] = {}
+        for info in self.tensors:
+            m = _BLOCK_RE.fullmatch(info.name)
+            exps = _EXPS_RE.fullmatch(m[2]) if m else None
+            if exps and len(info.shape) == 3 and info.ggml_type in _Q4_TYPES:
+                kinds.setdefault(int(m[1]), set()).add(exps[1])
+        parts = set()
+        for layer, found in kinds.items():
+            if {"gate", "up"} <= found:
+                parts.add((layer, "w13"))
+            if "down" in found:
+                parts.add((layer, "w2"))
+        return parts
+
+    def weights(
+        self, dtype: torch.dtype, expert_grids: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, tensor in `dtype`, [out, in]) per parameter, dequantized lazily one at a time.
 
         Tensors already in `dtype` may be zero-copy (copy-on-write) views of the mapped file.
+        `expert_grids`: the `q4_expert_parts` come as their int4 grid instead, per expert
+        `<name>.grid_q` (uint8 [out, in]), `.grid_scale` and `.grid_zero` (float32 [out, in/32]).
         """
+        grids = self.q4_expert_parts() if expert_grids else set()
         for info in self.tensors:
             name = self._hf_names.get(info.name)
             if name is None:
@@ -493,9 +517,21 @@ class GGUFCheckpoint:
             )
             if "{e}" in name:  # stacked experts [E, I, H] / [E, H, I]: one expert at a time
                 per_expert = info.nbytes // info.shape[0]
+                layer = int(_BLOCK_RE.fullmatch(info.name)[1])
+                grid = (layer, "w2" if name.endswith(_DOWN_NAMES) else "w13") in grids
                 for e in range(info.shape[0]):
                     w = raw[e * per_expert : (e + 1) * per_expert]
-                    yield name.format(e=e), dequantize(w, info.ggml_type, info.shape[1:]).to(dtype)
+                    if grid:
+                        base = name.format(e=e).removesuffix(".weight")
+                        q, scale, zero = q4_grid(w, info.ggml_type, info.shape[1:])
+                        yield f"{base}.grid_q", q
+                        yield f"{base}.grid_scale", scale
+                        yield f"{base}.grid_zero", zero
+                    else:
+                        yield (
+                            name.format(e=e),
+                            dequantize(w, info.ggml_type, info.shape[1:]).to(dtype),
+                        )
                 continue
             tensor = dequantize(raw, info.ggml_type, info.shape)
             if self.architecture == "llama" and name.endswith(_PERMUTED):

@@ -22,6 +22,7 @@ from twinfer.layers.quantization import (
     UnquantizedConfig,
     get_quantization_config,
 )
+from twinfer.layers.quantization.gguf_grid import GgufGridConfig
 from twinfer.loader.resolve import ModelSource, resolve_model
 from twinfer.loader.safetensors import iter_safetensors, safetensors_files
 from twinfer.parallel import ParallelConfig
@@ -175,6 +176,8 @@ def model_info(config: EngineConfig) -> ModelInfo:
         info.quant_config = get_quantization_config(hf_quant, config.quantization)
         if config.quantization is not None:
             ONLINE_METHODS[config.quantization].check_device(device, dtype)
+    elif parts := open_gguf(source.path).q4_expert_parts():
+        info.quant_config = GgufGridConfig(parts)  # Q4 experts stay on their int4 grid
     info.moe_plan = plan_moe(config, info, get_model_class(list(hf_config.architectures)))
     return info
 
@@ -253,7 +256,8 @@ def load_tokenizer(config: EngineConfig, source: ModelSource) -> Any:
 
 def _weights(info: ModelInfo) -> Iterator[tuple[str, torch.Tensor]]:
     if info.source.kind == "gguf":
-        yield from open_gguf(info.source.path).weights(info.dtype)
+        grids = isinstance(info.quant_config, GgufGridConfig)
+        yield from open_gguf(info.source.path).weights(info.dtype, expert_grids=grids)
     else:
         tensors = iter_safetensors(safetensors_files(info.source.path))
         yield from info.quant_config.checkpoint_tensors(tensors)

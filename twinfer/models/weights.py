@@ -18,7 +18,10 @@ from twinfer.layers.params import WeightShapeError, default_weight_loader
 _SKIP = re.compile(r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$|\.weight_shape$")
 
 # Parameters weight formats add beside (or instead of) `weight`, fused like it.
-_QUANT_PARAMS = "weight_scale_inv|weight_packed|weight_scale|weight_zero_point|weight_g_idx"
+_QUANT_PARAMS = (
+    "weight_scale_inv|weight_packed|weight_scale|weight_zero_point|weight_g_idx"
+    "|grid_q|grid_scale|grid_zero"
+)
 
 _EXPERT_SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3"}
 _EXPERT_SHARD |= {"down_proj": "w2", "w2": "w2"}

@@ -1,4 +1,4 @@
-// The Python module `twinfer.native._engine` (nanobind): see .devtmp/native_api.md.
+// The Python module `twinfer.native._engine` (nanobind): each binding below says its arguments.
 //
 // Shapes: T tokens, H hidden, E experts, K top-k, I expert inner size.
 // Pointers are ints (torch's data_ptr()), dtypes are strings. Every call that computes or waits

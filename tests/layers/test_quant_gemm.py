@@ -116,7 +116,7 @@ def _close(out, ref, dtype):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
-def close_bf16(out, ref) -> None:
+def close_bf16(out, ref, rel: float = 8e-3, worst_share: float = 2e-2) -> None:
     """bf16 outputs of long dots: elementwise tolerances fail on the odd element near zero (a
     relative one) or of large magnitude (an absolute one), as bf16 rounding of the weights and the
     output, and H100 FP8 MMAs' ~14-bit accumulation within a k-tile, scale with the values. So:
@@ -124,9 +124,9 @@ def close_bf16(out, ref) -> None:
     loosened to bf16's 2^-8 precision) and every element within 2% of the largest |ref|."""
     out, ref = out.float(), ref.float()
     err = ((out - ref).norm() / ref.norm()).item()
-    assert err < 8e-3, f"relative error {err:.2e}"
+    assert err < rel, f"relative error {err:.2e}"
     worst = (out - ref).abs().max().item()
-    assert worst <= 2e-2 * ref.abs().max().item(), f"max abs error {worst:.3e}"
+    assert worst <= worst_share * ref.abs().max().item(), f"max abs error {worst:.3e}"
 
 
 # ---- FP8 conversions and activation quantization ------------------------------------------------

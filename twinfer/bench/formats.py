@@ -106,14 +106,15 @@ def write_fp8_checkpoint(
         if _QUANTIZED.match(spec.name):
             rows, cols = spec.shape
             shard[spec.name] = (
-                _window(pool, n, spec.name).view(torch.float8_e4m3fn).view(rows, cols)
+                # a copy: safetensors writes no tensors that share memory
+                _window(pool, n, spec.name).clone().view(torch.float8_e4m3fn).view(rows, cols)
             )
             blocks = (-(-rows // block[0]), -(-cols // block[1]))
             shard[spec.name.removesuffix("weight") + "weight_scale_inv"] = torch.full(blocks, 2e-5)
             nbytes = n + 4 * blocks[0] * blocks[1]
         else:
             values = _window(plain, n, spec.name).view(spec.shape)
-            shard[spec.name] = values + 1.0 if spec.mean == 1.0 else values  # norm gains near 1
+            shard[spec.name] = values + 1.0 if spec.mean == 1.0 else values.clone()  # norms ~1
             nbytes = 2 * n
         size += nbytes
         total += nbytes

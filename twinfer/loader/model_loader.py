@@ -284,7 +284,10 @@ def _dummy_weights(model: nn.Module) -> set[str]:
         if p.device not in gens:
             gens[p.device] = torch.Generator(p.device).manual_seed(0)
         if not p.dtype.is_floating_point:  # packed integers (e.g. int4 words): any bits will do
-            p.copy_(torch.randint(-(2**31), 2**31 - 1, p.shape, generator=gens[p.device]))
+            bits = torch.randint(
+                -(2**31), 2**31 - 1, p.shape, generator=gens[p.device], device=p.device
+            )
+            p.copy_(bits)
         elif p.element_size() == 1:  # fp8: no uniform_ kernel
             noise = torch.empty(p.shape, device=p.device).uniform_(
                 -1e-3, 1e-3, generator=gens[p.device]

@@ -315,6 +315,17 @@ def test_gpu_w8a8_block_fp8(n: int, k: int, t: int) -> None:
     _close(out, ref_fp8_matmul(x, w, s, block, bias), torch.bfloat16)
 
 
+@pytest.mark.parametrize("t", [1, 5])
+def test_w8a8_per_channel_is_a_block_of_one_row(t: int) -> None:
+    """compressed-tensors' FP8 channel strategy: block (1, K), activations quantized per token.
+    Runs on the GPU too (unmarked): one row per scale and one k-group per row."""
+    n, k = 48, 64
+    w, s = fp8_weight(n, k, (1, k))
+    x = _randn(t, k, dtype=torch.float16 if DEVICE == "cpu" else torch.bfloat16)
+    out = w8a8_block_fp8_matmul(x, w, s, (1, k))
+    _close(out, ref_fp8_matmul(x, w, s, (1, k)), x.dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", GPU_DENSE[:2] + [(1000, 1408)])
 @pytest.mark.parametrize("group,zero", [(128, False), (32, True), (64, True)])

@@ -11,6 +11,7 @@ Legend: `T` tokens, `N` output features, `K` input features, `b` bits, `g` group
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,13 +29,26 @@ from twinfer.layers.quantization.base import (
     quant_param,
 )
 from twinfer.layers.quantization.cpu_kernels import INT4_GROUP, int4_linear, pack_int4
+from twinfer.layers.quantization.fp8 import (
+    Fp8BlockLinearMethod,
+    Fp8BlockMoEMethod,
+    Fp8ChannelLinearMethod,
+)
 from twinfer.layers.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
     from twinfer.layers.linear import LinearBase
     from twinfer.layers.moe.layer import MoELayer
 
-_FORMATS = ("pack-quantized",)
+_FORMATS = ("pack-quantized", "float-quantized")
+
+
+@dataclass(frozen=True, slots=True)
+class FloatWeightScheme:
+    """float-quantized FP8 e4m3 weights (`weight` + `weight_scale`), dynamic FP8 activations:
+    a scale per (bn x bk) block, or per output row (`block` None: the channel strategy)."""
+
+    block: tuple[int, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +75,18 @@ class CompressedTensorsConfig(QuantizationConfig):
             if fmt not in _FORMATS:
                 raise ValueError(
                     f"compressed-tensors format {fmt!r} (config group {name}) is not loaded yet; "
-                    f"supported: {', '.join(_FORMATS)} (W4A16/W8A16 integer weights)."
+                    f"supported: {', '.join(_FORMATS)} (W4A16/W8A16 integer weights, FP8)."
                 )
-            if group.get("input_activations") is not None:
+            if fmt == "float-quantized":
+                scheme = _float_scheme(name, group)
+            elif group.get("input_activations") is not None:
                 raise ValueError(
                     f"compressed-tensors config group {name} quantizes activations too; twinfer "
-                    "loads weight-only schemes (W4A16, W8A16)."
+                    "loads weight-only integer schemes (W4A16, W8A16) and FP8 W8A8."
                 )
-            groups.append((list(group.get("targets") or []), _scheme(name, group.get("weights"))))
+            else:
+                scheme = _scheme(name, group.get("weights"))
+            groups.append((list(group.get("targets") or []), scheme))
         if not groups:
             raise ValueError("compressed-tensors quantization_config has no config_groups.")
         return cls(groups, [str(entry) for entry in config.get("ignore") or []])
@@ -82,16 +100,36 @@ class CompressedTensorsConfig(QuantizationConfig):
                 "twinfer fuses them into one layer, which needs one format."
             )
         scheme = schemes.pop()
+        if isinstance(scheme, FloatWeightScheme):
+            return Fp8BlockLinearMethod(scheme.block) if scheme.block else Fp8ChannelLinearMethod()
         return UnquantizedLinearMethod() if scheme is None else PackedIntLinearMethod(scheme)
 
     def moe_kept_format(self) -> tuple[str, int] | None:
-        kept = {(_engine_format(s), s.group_size) for _, s in self.groups}
+        kept = {_kept(s) for _, s in self.groups}
         fmt, group = kept.pop() if len(kept) == 1 else (None, None)
         return None if fmt is None else (fmt, group)
+
+    def checkpoint_tensors(
+        self, weights: Iterable[tuple[str, Tensor]]
+    ) -> Iterable[tuple[str, Tensor]]:
+        # FP8 modules' `weight_scale` multiplies the weight as DeepSeek's `weight_scale_inv`
+        # does (despite its name): the FP8 methods' parameter.
+        for name, tensor in weights:
+            module, _, leaf = name.rpartition(".")
+            if leaf == "weight_scale" and isinstance(self._scheme_of(module), FloatWeightScheme):
+                name = f"{module}.weight_scale_inv"
+            yield name, tensor
 
     def moe_method(self, prefix: str, gate_proj: str = "gate_proj") -> MoEMethod | None:
         # The checkpoints store per-expert Linear modules: expert 0's gate stands for them all.
         scheme = self._scheme_of(f"{prefix}.experts.0.{gate_proj}")
+        if isinstance(scheme, FloatWeightScheme):
+            if scheme.block is None:
+                raise ValueError(
+                    "this checkpoint stores routed experts as FP8 with a scale per channel, which "
+                    "twinfer does not load yet; FP8 experts in blocks (FP8_BLOCK) are."
+                )
+            return Fp8BlockMoEMethod(scheme.block)
         return None if scheme is None else PackedIntMoEMethod(scheme)
 
     def _scheme_of(self, name: str) -> IntWeightScheme | None:
@@ -104,13 +142,49 @@ class CompressedTensorsConfig(QuantizationConfig):
 
     def describe(self) -> str:
         kinds = sorted(
-            {
-                f"int{s.num_bits} {'channel' if s.group_size is None else f'g{s.group_size}'}"
+            (
+                f"fp8 {'channel' if s.block is None else f'blocks {s.block[0]}x{s.block[1]}'}"
+                if isinstance(s, FloatWeightScheme)
+                else f"int{s.num_bits} {'channel' if s.group_size is None else f'g{s.group_size}'}"
                 f"{'' if s.symmetric else ' asym'}"
-                for _, s in self.groups
-            }
+            )
+            for _, s in self.groups
         )
-        return f"compressed-tensors pack-quantized ({', '.join(kinds)})"
+        fmt = "float-quantized" if kinds[0].startswith("fp8") else "pack-quantized"
+        return f"compressed-tensors {fmt} ({', '.join(dict.fromkeys(kinds))})"
+
+
+def _float_scheme(name: str, group: dict[str, Any]) -> FloatWeightScheme:
+    weights, acts = group.get("weights") or {}, group.get("input_activations")
+    if weights.get("type") != "float" or weights.get("num_bits") != 8:
+        raise ValueError(
+            f"compressed-tensors config group {name}: float-quantized "
+            f"{weights.get('type')} {weights.get('num_bits')}-bit weights; twinfer loads FP8."
+        )
+    if acts is not None and not acts.get("dynamic", False):
+        raise ValueError(
+            f"compressed-tensors config group {name} has static activation scales; twinfer runs "
+            "FP8 with dynamic activations (FP8_DYNAMIC, FP8_BLOCK)."
+        )
+    strategy = weights.get("strategy")
+    if strategy == "channel":
+        return FloatWeightScheme(None)
+    block = weights.get("block_structure")
+    if strategy != "block" or not (isinstance(block, list | tuple) and len(block) == 2):
+        raise ValueError(
+            f"compressed-tensors config group {name}: FP8 strategy {strategy!r}; twinfer loads "
+            "the channel and block ones."
+        )
+    return FloatWeightScheme((int(block[0]), int(block[1])))
+
+
+def _kept(scheme: IntWeightScheme | FloatWeightScheme) -> tuple[str | None, int | None]:
+    """(CPU engine format, group) that keeps a scheme's experts as they are, else (None, None)."""
+    if isinstance(scheme, FloatWeightScheme):
+        kept = scheme.block is not None and scheme.block[1] in (32, 64, 128)
+        return ("fp8", scheme.block[1]) if kept else (None, None)
+    fmt = _engine_format(scheme)
+    return (fmt, scheme.group_size) if fmt else (None, None)
 
 
 def _scheme(name: str, weights: dict[str, Any] | None) -> IntWeightScheme:

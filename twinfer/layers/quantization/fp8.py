@@ -133,6 +133,19 @@ class Fp8BlockLinearMethod(LinearMethod):
         return F.linear(x, w, bias)
 
 
+class Fp8ChannelLinearMethod(Fp8BlockLinearMethod):
+    """FP8 with a scale per output row (compressed-tensors' channel strategy): blocks of one row
+    by the whole input, so `weight_scale_inv` is [N, 1] and activations are quantized per
+    token."""
+
+    def __init__(self) -> None:
+        super().__init__((1, 0))
+
+    def create_weights(self, layer: LinearBase) -> None:
+        self.block = (1, layer.input_size_local)
+        super().create_weights(layer)
+
+
 def quantize_blocks(w: Tensor, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """w [N, K] -> (FP8 e4m3 [N, K], float32 scales [ceil(N/bn), ceil(K/bk)]): each block's
     scale is its absmax / 448 (e4m3's largest), so w ~ fp8 * scale (`dequantize_blocks`)."""

@@ -437,11 +437,11 @@ class EngineConfig:
         dtype = _KV_CACHE_DTYPES[self.kv_cache_dtype]
         if dtype is None:
             return model_dtype
-        if attention_backend != "torch":
+        if attention_backend not in ("torch", "triton"):
             raise ValueError(
-                f"--kv-cache-dtype {self.kv_cache_dtype} is read by the torch attention backend "
-                f"only for now, not by {attention_backend}; add --attention-backend torch (no "
-                "CUDA graphs on a GPU) or keep --kv-cache-dtype auto."
+                f"--kv-cache-dtype {self.kv_cache_dtype} is read by the torch and triton "
+                f"attention backends, not by {attention_backend}; choose one of them with "
+                "--attention-backend or keep --kv-cache-dtype auto."
             )
         return dtype
 

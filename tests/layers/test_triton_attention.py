@@ -5,7 +5,9 @@ Legend: `T` tokens, `S` sequences, `Hq`/`Hkv` heads, `D` head size, `NB` cache b
 Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET): small
 shapes in float32 (exact dots, tight tolerance) and float16. With a GPU the same tests run
 compiled, and the `gpu` tests add bf16/fp16 at model shapes, long contexts and CUDA graphs. The
-reference is always the torch backend in float32 on the same K/V values.
+reference is always the torch backend in float32 on the same K/V values. An fp8 cache
+(--kv-cache-dtype) is one both backends write and read: the reference keeps it fp8, so both
+attend to the same stored values and the caches they leave agree byte for byte.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from twinfer.layers.attention.triton_kernels import (  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
 @dataclass
@@ -83,6 +86,7 @@ def make_step(
     dtype: torch.dtype,
     seed: int = 0,
     pad_rows: int = 0,  # decode rows with seq_len 0 appended (CUDA-graph padding)
+    kv_dtype: torch.dtype | None = None,  # the cache's dtype (default: dtype), fp8 included
 ) -> Step:
     hq, hkv = heads
     rng = random.Random(seed)
@@ -107,7 +111,7 @@ def make_step(
         [query_lens[i] for i in real], [seq_lens[i] for i in real], [tables[i] for i in real],
         block_size, DEVICE,
     )  # fmt: skip
-    return Step(q, k, v, cache.to(dtype), common, sub)
+    return Step(q, k, v, cache.to(kv_dtype or dtype), common, sub)
 
 
 def run_triton(step: Step, scale: float, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,14 +131,17 @@ def run_reference(step: Step, scale: float) -> tuple[torch.Tensor, torch.Tensor]
         if q_len and n:
             rows += range(qsl[s], qsl[s + 1])
     q, k, v = (x[rows].float() for x in (step.q, step.k, step.v))
-    cache = step.cache.float()
+    cache = step.cache.clone() if step.cache.element_size() == 1 else step.cache.float()
     return backend.forward(q, k, v, cache, backend.build_metadata(step.real), scale), cache
 
 
 def check(step: Step, scale: float, dtype: torch.dtype, num_splits: int = 0) -> torch.Tensor:
     out, cache = run_triton(step, scale, num_splits)
     ref, ref_cache = run_reference(step, scale)
-    torch.testing.assert_close(cache.float(), ref_cache, atol=0, rtol=0)
+    if cache.element_size() == 1:  # fp8: the same codes (NaN-free, so bytes compare as values)
+        assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    else:
+        torch.testing.assert_close(cache.float(), ref_cache, atol=0, rtol=0)
     real = out[: ref.shape[0]].float()
     assert torch.isfinite(out).all()
     torch.testing.assert_close(real, ref, atol=TOL[dtype], rtol=TOL[dtype])
@@ -157,6 +164,32 @@ def test_reshape_and_cache_writes_slots_and_skips_padding(dtype) -> None:
     expected[1, slots[keep]] = v[keep]
     reshape_and_cache(k, v, cache, slots)
     assert torch.equal(cache.view_as(expected), expected)
+
+
+@pytest.mark.parametrize("kv_dtype", FP8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reshape_and_cache_fp8_codes_match_torch_cast(dtype, kv_dtype) -> None:
+    # Every exponent of both formats, their subnormals, exact ties (rounded to even), values past
+    # the largest finite one (e4m3fn saturates, e5m2 overflows to inf), +-inf and -0.0.
+    gen = torch.Generator().manual_seed(1)
+    mant = torch.rand(64, generator=gen) + 1.0
+    grid = (mant[:, None] * 2.0 ** torch.arange(-20, 17)[None, :]).flatten()
+    step = 2.0 ** torch.arange(-18, 14)  # e4m3: 2^-9 is the subnormal ulp, e5m2: 2^-16
+    ties = torch.cat([step * k for k in (0.5, 1.5, 2.5, 9.5, 17.5, 35.0, 67.0)])
+    special = torch.tensor([0.0, -0.0, 440.0, 448.0, 464.0, 465.0, 1e4, 57344.0, 61439.0,
+                            61440.0, 7e4, float("inf")])  # fmt: skip
+    x = torch.cat([grid, ties, special, special * 2.0**-20])
+    x = torch.cat([x, -x])
+    x = x[x.abs() <= torch.finfo(dtype).max].to(dtype)  # float16: no value past its range
+    hkv, d = 2, 16
+    t = -(-x.numel() // (hkv * d))
+    x = torch.cat([x, x.new_zeros(t * hkv * d - x.numel())]).view(t, hkv, d).to(DEVICE)
+    cache = torch.zeros(2, t, 1, hkv, d, device=DEVICE).to(kv_dtype)
+    slots = torch.randperm(t, generator=gen).to(DEVICE)
+    reshape_and_cache(x, -x, cache, slots)
+    codes = cache.view(torch.uint8).view(2, t, hkv, d)[:, slots]
+    assert torch.equal(codes[0], x.to(kv_dtype).view(torch.uint8))
+    assert torch.equal(codes[1], (-x).to(kv_dtype).view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -190,6 +223,26 @@ def test_decode_splits_match_torch(dtype, num_splits, block_size, heads, d) -> N
     contexts = [0, 14, 63, 64, 129, 199]
     step = make_step(contexts, [1] * 6, heads, d, block_size, dtype, seed=d, pad_rows=1)
     out = check(step, d**-0.5, dtype, num_splits)
+    assert not out[-1].any()
+
+
+@pytest.mark.parametrize("kv_dtype", FP8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("block_size", "heads", "d"), [(4, (8, 2), 32), (16, (6, 2), 24)])
+def test_fp8_cache_varlen_prefill_with_prefix(dtype, kv_dtype, block_size, heads, d) -> None:
+    # The triton kernels write fp8 codes and read them back as the torch backend does.
+    contexts, query_lens = [0, 21, 70, 3, 0], [37, 5, 1, 19, 2]
+    step = make_step(contexts, query_lens, heads, d, block_size, dtype, seed=d, kv_dtype=kv_dtype)
+    check(step, d**-0.5, dtype)
+
+
+@pytest.mark.parametrize("kv_dtype", FP8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_cache_decode_splits(dtype, kv_dtype, num_splits) -> None:
+    contexts = [0, 14, 63, 64, 129]
+    step = make_step(contexts, [1] * 5, (8, 2), 32, 4, dtype, seed=4, pad_rows=1, kv_dtype=kv_dtype)
+    out = check(step, 32**-0.5, dtype, num_splits)
     assert not out[-1].any()
 
 
@@ -242,15 +295,17 @@ def test_decode_metadata_reused_after_in_place_updates() -> None:
     assert not out[3].any()
 
 
-def test_chunked_steps_match_torch_backend() -> None:
-    # Several steps over one cache: prefill chunks, then decodes, each backend on its own cache.
+@pytest.mark.parametrize("kv_dtype", [torch.float32, *FP8])
+def test_chunked_steps_match_torch_backend(kv_dtype) -> None:
+    # Several steps over one cache: prefill chunks, then decodes, each backend on its own cache
+    # (an fp8 one: keys written by one step are read back by the next).
     rng = random.Random(0)
     hq, hkv, d, bs = 4, 2, 16, 4
     lengths, chunks = [23, 9, 41], {0: [8, 15], 1: [9], 2: [1, 30, 10]}
     blocks = list(range(40))
     rng.shuffle(blocks)
     tables = [[blocks.pop() for _ in range(-(-n // bs) + 1)] for n in lengths]
-    caches = {"triton": torch.zeros(2, 40, bs, hkv, d, device=DEVICE)}
+    caches = {"triton": torch.zeros(2, 40, bs, hkv, d, device=DEVICE).to(kv_dtype)}
     caches["torch"] = caches["triton"].clone()
     done = [0, 0, 0]
     for step in range(5):
@@ -265,7 +320,7 @@ def test_chunked_steps_match_torch_backend() -> None:
             outs[name] = backend.forward(q, k, v, cache, backend.build_metadata(common), 0.25)
         torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-5, rtol=1e-5)
         done = seq_lens
-    torch.testing.assert_close(caches["triton"], caches["torch"], atol=0, rtol=0)
+    assert torch.equal(caches["triton"].view(torch.uint8), caches["torch"].view(torch.uint8))
 
 
 # ---- GPU tests: model shapes, bf16/fp16, long contexts, CUDA graphs ----

@@ -21,16 +21,18 @@ def checkpoint(smollm2_gguf) -> GGUFCheckpoint:
 
 def test_int4_grid_is_exactly_the_dequantized_weight(checkpoint) -> None:
     weights = dict(checkpoint.weights(torch.float32))
-    grids = dict(checkpoint.int4_weights())
-    assert len(grids) == 210  # every Q4_1 matrix of SmolLM2 (the Q8_0 embedding is not)
-    for name in (
-        "model.layers.0.self_attn.q_proj.weight",
-        "model.layers.7.self_attn.k_proj.weight",
-        "model.layers.29.mlp.down_proj.weight",
+    q4 = checkpoint.q4_dense_modules()
+    assert len(q4) == 210  # every Q4_1 matrix of SmolLM2 (the Q8_0 embedding is not)
+    grids = dict(checkpoint.weights(torch.float32, dense_grids=frozenset(q4)))
+    for module in (
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.7.self_attn.k_proj",  # llama.cpp's row permutation undone on the grid
+        "model.layers.29.mlp.down_proj",
     ):
-        q, scale, zero = grids[name]
+        q, scale, zero = (grids[f"{module}.grid_{k}"] for k in ("q", "scale", "zero"))
         assert q.dtype == torch.uint8 and int(q.max()) <= 15
-        assert torch.equal(dense(q, scale, zero), weights[name])
+        assert torch.equal(dense(q, scale, zero), weights[f"{module}.weight"])
+        assert f"{module}.weight" not in grids
 
 
 def test_q4_0_blocks() -> None:
@@ -43,10 +45,14 @@ def test_q4_0_blocks() -> None:
     assert q4_grid(raw, 8, (4, 96)) is None  # not a Q4 type
 
 
+@pytest.mark.parametrize("n", [64, 20])  # 2 x 20 rows: not in 16-row packs, dequantized
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_linear_matches_the_dense_layer(dtype) -> None:
+def test_int4_linear_matches_the_dense_layer(dtype, n: int) -> None:
+    """A fused layer (gate_up) loads both projections' grids and computes with them."""
+    from twinfer.layers.quantization.gguf_grid import GgufGridConfig
+
     torch.manual_seed(0)
-    n, k = 64, 128
+    k = 128
     grids = [
         (
             torch.randint(0, 16, (n, k), dtype=torch.uint8),
@@ -55,22 +61,25 @@ def test_int4_linear_matches_the_dense_layer(dtype) -> None:
         )
         for _ in range(2)
     ]
+    config = GgufGridConfig(set(), {"m.mlp.gate_proj", "m.mlp.up_proj"})
+    method = config.linear_method("m.mlp.gate_up_proj")
     with torch.device("cpu"):
         torch.set_default_dtype(dtype)
         try:
-            layer = MergedColumnParallelLinear(k, [n, n], bias=False)
+            layer = MergedColumnParallelLinear(k, [n, n], bias=False, quant_method=method)
         finally:
             torch.set_default_dtype(torch.float32)
+    for shard, grid in enumerate(grids):
+        for name, t in zip(("grid_q", "grid_scale", "grid_zero"), grid, strict=True):
+            param = getattr(layer, name)
+            param.weight_loader(param, t, shard)
+    layer.process_weights_after_loading()
     w = torch.cat([dense(*g) for g in grids])
-    layer.weight.data.copy_(w)
     x = torch.randn(5, k, dtype=dtype)
-    expected = x.float() @ w.t()
-    q, scale, zero = (torch.cat(t) for t in zip(*grids, strict=True))
-    layer.use_int4(q, scale, zero)
-    layer.process_weights_after_loading()  # must keep the int4 weight
     got = layer(x)
-    assert got.dtype == dtype and layer.weight.numel() == 0
-    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+    assert got.dtype == dtype and layer.grid_q.numel() == 0  # the grid's copy freed
+    assert (layer.int4_weight is not None) == (2 * n % 16 == 0)
+    torch.testing.assert_close(got.float(), x.float() @ w.t(), atol=2e-2, rtol=2e-2)
 
 
 def test_q4_k_blocks_are_an_int4_grid_in_groups_of_32() -> None:

@@ -49,5 +49,9 @@ def test_bad_kv_cache_dtypes_name_the_fix() -> None:
     config = EngineConfig(kv_cache_dtype="fp8")
     assert config.resolved_kv_cache_dtype(torch.bfloat16, "torch") == torch.float8_e4m3fn
     assert EngineConfig().resolved_kv_cache_dtype(torch.bfloat16, "triton") == torch.bfloat16
-    with pytest.raises(ValueError, match="add --attention-backend torch"):
-        config.resolved_kv_cache_dtype(torch.bfloat16, "triton")
+    # Both attention backends read an fp8 cache (the GPU's triton kernels too).
+    assert config.resolved_kv_cache_dtype(torch.bfloat16, "triton") == torch.float8_e4m3fn
+    e5m2 = EngineConfig(kv_cache_dtype="fp8_e5m2")
+    assert e5m2.resolved_kv_cache_dtype(torch.float16, "triton") == torch.float8_e5m2
+    with pytest.raises(ValueError, match="read by the torch and triton attention backends"):
+        config.resolved_kv_cache_dtype(torch.bfloat16, "flash")

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from twinfer.layers.params import check_shape, default_weight_loader, in_param_units, new_param
 from twinfer.layers.quantization import LinearMethod, UnquantizedLinearMethod
-from twinfer.layers.quantization.cpu_kernels import pack_int4
 from twinfer.parallel import ParallelConfig
 
 
@@ -46,7 +45,7 @@ class LinearBase(nn.Module):
     """
 
     packed_weight: Tensor | None = None
-    int4_weight: tuple[Tensor, Tensor] | None = None  # see `use_int4`
+    int4_weight: tuple[Tensor, Tensor] | None = None  # torch's CPU int4 layout (cpu_kernels)
 
     def __init__(
         self,
@@ -71,15 +70,6 @@ class LinearBase(nn.Module):
 
     def weight_loader(self, param: Tensor, loaded_weight: Tensor, shard_id: object = None) -> None:
         default_weight_loader(param, loaded_weight)
-
-    def use_int4(self, q: Tensor, scale: Tensor, zero: Tensor) -> None:
-        """Run on an exact int4 grid instead of W (GGUF Q4 weights on the CPU; bf16/fp16 only).
-
-        NOTE: 4x fewer bytes per decode step than bf16; torch's int4 CPU kernel is fast for bf16
-        and fp16 activations only, so fp32 models keep dense weights.
-        """
-        self.int4_weight = pack_int4(q, scale, zero, self.weight.dtype)
-        self.weight.data = self.weight.data.new_empty(0)
 
     def process_weights_after_loading(self) -> None:
         """Prepare the weights once for the runtime kernel (e.g. CPU: prepacked)."""

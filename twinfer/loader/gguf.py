@@ -498,14 +498,30 @@ class GGUFCheckpoint:
                 parts.add((layer, "w2"))
         return parts
 
+    def q4_dense_modules(self) -> set[str]:
+        """HF names of the modules (e.g. model.layers.0.self_attn.q_proj) whose weight matrix is
+        stored as Q4_0 / Q4_1 / Q4_K."""
+        return {
+            name.removesuffix(".weight")
+            for info in self.tensors
+            if (name := self._hf_names.get(info.name))
+            and "{e}" not in name
+            and len(info.shape) == 2
+            and info.ggml_type in _Q4_TYPES
+        }
+
     def weights(
-        self, dtype: torch.dtype, expert_grids: bool = False
+        self,
+        dtype: torch.dtype,
+        expert_grids: bool = False,
+        dense_grids: frozenset[str] = frozenset(),
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, tensor in `dtype`, [out, in]) per parameter, dequantized lazily one at a time.
 
         Tensors already in `dtype` may be zero-copy (copy-on-write) views of the mapped file.
-        `expert_grids`: the `q4_expert_parts` come as their int4 grid instead, per expert
-        `<name>.grid_q` (uint8 [out, in]), `.grid_scale` and `.grid_zero` (float32 [out, in/32]).
+        Q4 matrices can come as their int4 grid (`q4_grid`) instead: `<module>.grid_q` (uint8
+        [out, in]), `.grid_scale` and `.grid_zero` (float32 [out, in/32]); `expert_grids`: the
+        `q4_expert_parts` (per expert), `dense_grids`: these modules' weights.
         """
         grids = self.q4_expert_parts() if expert_grids else set()
         for info in self.tensors:
@@ -533,26 +549,19 @@ class GGUFCheckpoint:
                             dequantize(w, info.ggml_type, info.shape[1:]).to(dtype),
                         )
                 continue
+            module = name.removesuffix(".weight")
+            if module in dense_grids:  # rows in HF order, as the dequantized weight
+                grid = q4_grid(raw, info.ggml_type, info.shape)
+                if self.architecture == "llama" and name.endswith(_PERMUTED):
+                    grid = tuple(self._unpermute(t, name) for t in grid)
+                yield from zip(
+                    (f"{module}.grid_{k}" for k in ("q", "scale", "zero")), grid, strict=True
+                )
+                continue
             tensor = dequantize(raw, info.ggml_type, info.shape)
             if self.architecture == "llama" and name.endswith(_PERMUTED):
                 tensor = self._unpermute(tensor, name)
             yield name, tensor.to(dtype)
-
-    def int4_weights(self) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-        """(HF name, `q4_grid` triple) of every Q4_0 / Q4_1 / Q4_K matrix, rows in HF order."""
-        for info in self.tensors:
-            name = self._hf_names.get(info.name)
-            if name is None or "{e}" in name or len(info.shape) != 2:
-                continue
-            raw = torch.frombuffer(
-                self._buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset
-            )
-            grid = q4_grid(raw, info.ggml_type, info.shape)
-            if grid is None:
-                continue
-            if self.architecture == "llama" and name.endswith(_PERMUTED):
-                grid = tuple(self._unpermute(t, name) for t in grid)
-            yield name, grid
 
     def _hf_name(self, info: GGUFTensorInfo) -> str:
         """The HF name of a GGUF tensor; "{e}" stands for the expert of a stacked MoE tensor."""

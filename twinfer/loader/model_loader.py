@@ -176,8 +176,11 @@ def model_info(config: EngineConfig) -> ModelInfo:
         info.quant_config = get_quantization_config(hf_quant, config.quantization)
         if config.quantization is not None:
             ONLINE_METHODS[config.quantization].check_device(device, dtype)
-    elif parts := open_gguf(source.path).q4_expert_parts():
-        info.quant_config = GgufGridConfig(parts)  # Q4 experts stay on their int4 grid
+    else:  # a GGUF: its Q4 matrices stay on their int4 grid where a kernel reads them
+        gguf = open_gguf(source.path)
+        dense = gguf.q4_dense_modules() if _keeps_int4(info) else set()
+        if (parts := gguf.q4_expert_parts()) or dense:
+            info.quant_config = GgufGridConfig(parts, dense)
     info.moe_plan = plan_moe(config, info, get_model_class(list(hf_config.architectures)))
     return info
 
@@ -256,8 +259,13 @@ def load_tokenizer(config: EngineConfig, source: ModelSource) -> Any:
 
 def _weights(info: ModelInfo) -> Iterator[tuple[str, torch.Tensor]]:
     if info.source.kind == "gguf":
-        grids = isinstance(info.quant_config, GgufGridConfig)
-        yield from open_gguf(info.source.path).weights(info.dtype, expert_grids=grids)
+        quant = info.quant_config
+        grids = isinstance(quant, GgufGridConfig)
+        yield from open_gguf(info.source.path).weights(
+            info.dtype,
+            expert_grids=grids,
+            dense_grids=quant.dense_modules if grids else frozenset(),
+        )
     else:
         tensors = iter_safetensors(safetensors_files(info.source.path))
         yield from info.quant_config.checkpoint_tensors(tensors)
@@ -331,10 +339,6 @@ def load_model(info: ModelInfo) -> nn.Module:
         )
     model.eval()
     with torch.no_grad():
-        if _keeps_int4(info):
-            from twinfer.loader.int4 import use_gguf_int4
-
-            use_gguf_int4(model, open_gguf(info.source.path))
         for module in model.modules():  # (MoE layers were prepared as they loaded)
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()

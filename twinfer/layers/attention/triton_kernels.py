@@ -16,6 +16,13 @@ Legend: `T` tokens of the step, `S` sequences, `Hq`/`Hkv` query/KV heads, `G` = 
 Keys are gathered per token through the block table (`slot = block_table[s, p // bs] * bs +
 p % bs`), so any power-of-two block size works with any tile size. Softmax runs in float32 in the
 log2 domain (`exp2`, scale folded with log2(e)); float32 inputs use exact (`ieee`) dots.
+
+An fp8 cache (--kv-cache-dtype fp8|fp8_e5m2, float8_e4m3fn or float8_e5m2) is passed to the
+kernels as its bytes (the constexpr `FP8`: 0 the cache holds plain floats, 1 e4m3fn, 2 e5m2),
+as the torch backend moves it: values are cast with no scale (vLLM's default scale 1.0) when
+written, rounded to nearest even exactly as torch casts them, and converted back exactly when
+read; integer ops only, so the interpreter (whose fp8 casts are wrong) and GPUs before sm_89 run
+the same code. With `FP8` 0 the kernels compile as they did before.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ DECODE_CONFIGS: dict[tuple[int, bool], KernelConfig] = {
     (256, False): KernelConfig(16, 16, 4, 1),
 }
 MAX_SPLITS = 64
+_FP8_CODES = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}  # the kernels' `FP8` switch
 SPLIT_WAVES = 2  # decode aims at SPLIT_WAVES x SM count programs
 
 
@@ -78,6 +86,12 @@ def _num_sms(device: torch.device) -> int:
     return 132  # the interpreter: pretend an H100 so the split logic is exercised
 
 
+def _kernel_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The cache as the kernels take it and its `FP8` switch: an fp8 cache as a byte view."""
+    fp8 = _FP8_CODES.get(kv_cache.dtype, 0)
+    return (kv_cache.view(torch.uint8) if fp8 else kv_cache), fp8
+
+
 def decode_num_splits(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, device: torch.device
 ) -> int:
@@ -86,12 +100,72 @@ def decode_num_splits(
     return max(1, min(want, triton.cdiv(max(max_seq_len, 1), block_n), MAX_SPLITS))
 
 
+# ---- fp8 cache values ----
+@triton.jit
+def _fp8_code(x, E5M2: tl.constexpr):
+    """Values -> their e4m3fn (E5M2 False) or e5m2 codes (uint8), as torch casts them: rounded
+    to nearest even; e4m3fn saturates at +-448 (inf too), e5m2 overflows to inf; NaN -> 0x7F."""
+    y = x.to(tl.float32)
+    sign = (y.to(tl.int32, bitcast=True) >> 24) & 0x80  # -0.0 too
+    if E5M2:
+        a = tl.abs(y)
+        # |y| < 2^-14: multiples of 2^-16; adding 1.5 * 2^7 (ulp 2^-16) rounds to them, ties to
+        # even. Code 4 (a round up to 2^-14) is the smallest normal's code: the formats line up.
+        sub = ((a + 192.0) - 192.0) * 65536.0
+        # Normal: round float32's mantissa to 2 bits (carry runs into the exponent), rebias
+        # 127 -> 15; past the largest finite code (57344) lies inf (0x7C).
+        bits = a.to(tl.int32, bitcast=True)
+        normal = ((bits + 0xFFFFF + ((bits >> 21) & 1)) >> 21) - ((127 - 15) << 2)
+        code = tl.where(a < 0.00006103515625, sub.to(tl.int32), tl.minimum(normal, 0x7C))
+    else:
+        a = tl.minimum(tl.abs(y), 448.0)
+        sub = ((a + 24576.0) - 24576.0) * 512.0  # |y| < 2^-6: multiples of 2^-9 (as above)
+        bits = a.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - ((127 - 7) << 3)
+        code = tl.where(a < 0.015625, sub.to(tl.int32), normal)
+    code = tl.where(y != y, 0x7F, code | sign)
+    return code.to(tl.uint8)
+
+
+@triton.jit
+def _fp8_value(b, E5M2: tl.constexpr):
+    """e4m3fn / e5m2 codes (uint8) -> float16, exactly: every finite code is a float16 (e4m3fn's
+    NaN code reads as 480, a value no write stores from a finite input)."""
+    b16 = b.to(tl.uint16)
+    if E5M2:
+        return (b16 << 8).to(tl.float16, bitcast=True)  # e5m2 is float16's high byte
+    else:
+        # The code's bits shifted into float16's places read 2^-8 of the value (biases 15 vs
+        # 7); e4m3 subnormals land on float16 subnormals.
+        h = ((b16 & 0x7F) << 7) | ((b16 & 0x80) << 8)
+        return h.to(tl.float16, bitcast=True) * 256.0
+
+
+@triton.jit
+def _to_cache(x, cache_ptr, FP8: tl.constexpr):
+    """x as the cache stores it: its dtype, or the fp8 code (FP8 1: e4m3fn, 2: e5m2)."""
+    if FP8 == 0:
+        return x.to(cache_ptr.dtype.element_ty)
+    else:
+        return _fp8_code(x, FP8 == 2)
+
+
+@triton.jit
+def _from_cache(x, FP8: tl.constexpr):
+    """Loaded cache elements as values: themselves, or float16 from their fp8 codes."""
+    if FP8 == 0:
+        return x
+    else:
+        return _fp8_value(x, FP8 == 2)
+
+
 # ---- cache write ----
 @triton.jit
 def _reshape_and_cache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -101,8 +175,8 @@ def _reshape_and_cache_kernel(
     k = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
     dst = slot * stride_cs + offs_h * stride_ch + offs_d
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + dst, _to_cache(k, k_cache_ptr, FP8), mask=mask)
+    tl.store(v_cache_ptr + dst, _to_cache(v, v_cache_ptr, FP8), mask=mask)
 
 
 def reshape_and_cache(
@@ -115,11 +189,13 @@ def reshape_and_cache(
     if t == 0:
         return
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.is_contiguous()
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    cache, fp8 = _kernel_cache(kv_cache)
+    k_cache, v_cache = cache[0], cache[1]
     _reshape_and_cache_kernel[(t,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2),
         HKV=hkv, D=d, BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d),
+        FP8=fp8,
     )  # fmt: skip
 
 
@@ -131,7 +207,7 @@ def _attend_tile(
     bt_row, k_cache_ptr, v_cache_ptr, head_off, stride_cs, qk_scale,
     offs_n, offs_d,
     D: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     pos = start_n + offs_n  # [N] key positions
     if MASKED:
@@ -151,6 +227,8 @@ def _attend_tile(
     else:
         k = tl.load(k_cache_ptr + kv_off, mask=offs_d[None, :] < D, other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=offs_d[None, :] < D, other=0.0)
+    k = _from_cache(k, FP8)
+    v = _from_cache(v, FP8)
     qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
     if MASKED:
         qk = tl.where(pos[None, :] <= limit[:, None], qk, float("-inf"))
@@ -174,7 +252,7 @@ def _varlen_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, stride_bt,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     # NOTE: reversed, so the q tiles with the most keys (the last ones) start first and the
     # cheap ones fill the tail of the causal imbalance.
@@ -224,13 +302,13 @@ def _varlen_attention_kernel(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, start_n, seq_len, limit, bt_row, k_cache_ptr, v_cache_ptr,
             head_off, stride_cs, qk_scale, offs_n, offs_d,
-            D, BLOCK_SIZE, False, D == BLOCK_D, DOT_PRECISION,
+            D, BLOCK_SIZE, False, D == BLOCK_D, DOT_PRECISION, FP8,
         )  # fmt: skip
     for start_n in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, start_n, seq_len, limit, bt_row, k_cache_ptr, v_cache_ptr,
             head_off, stride_cs, qk_scale, offs_n, offs_d,
-            D, BLOCK_SIZE, True, D == BLOCK_D, DOT_PRECISION,
+            D, BLOCK_SIZE, True, D == BLOCK_D, DOT_PRECISION, FP8,
         )  # fmt: skip
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key (seq_len 0): zeros
     o_off = q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
@@ -261,7 +339,8 @@ def varlen_attention(
     rows = max(16, triton.next_power_of_2(max(max_query_len, 1) * g))
     block_m = max(min(cfg.block_m, rows), triton.next_power_of_2(g), 16)
     block_q = block_m // g
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    cache, fp8 = _kernel_cache(kv_cache)
+    k_cache, v_cache = cache[0], cache[1]
     grid = (t // block_q + num_seqs, hkv)
     _varlen_attention_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_table,
@@ -270,7 +349,7 @@ def varlen_attention(
         k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         G=g, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_Q=block_q,
         BLOCK_N=cfg.block_n, BLOCK_SIZE=block_size,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
@@ -286,6 +365,7 @@ def _decode_attention_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, WRITE_KV: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -320,19 +400,22 @@ def _decode_attention_kernel(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, tile * BLOCK_N, seq_len, limit, bt_row, k_cache_ptr, v_cache_ptr,
             head_off, stride_cs, qk_scale, offs_n, offs_d,
-            D, BLOCK_SIZE, False, D == BLOCK_D, DOT_PRECISION,
+            D, BLOCK_SIZE, False, D == BLOCK_D, DOT_PRECISION, FP8,
         )  # fmt: skip
     for tile in range(tl.maximum(full_hi, tile_lo), tile_hi):  # the partial last tile
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, tile * BLOCK_N, seq_len, limit, bt_row, k_cache_ptr, v_cache_ptr,
             head_off, stride_cs, qk_scale, offs_n, offs_d,
-            D, BLOCK_SIZE, True, D == BLOCK_D, DOT_PRECISION,
+            D, BLOCK_SIZE, True, D == BLOCK_D, DOT_PRECISION, FP8,
         )  # fmt: skip
     if WRITE_KV:  # noqa: SIM102 (a constexpr branch: compiled away when False)
         if (split == 0) & (tl.load(seq_lens_ptr + s) > 0):
             d_ok = offs_d < D
             k_new = tl.load(k_new_ptr + row * stride_kt + kvh * stride_kh + offs_d, mask=d_ok)
             v_new = tl.load(v_new_ptr + row * stride_vt + kvh * stride_vh + offs_d, mask=d_ok)
+            if FP8 != 0:  # attend to the values the cache keeps, as later steps read them
+                k_new = _fp8_value(_fp8_code(k_new, FP8 == 2), FP8 == 2)
+                v_new = _fp8_value(_fp8_code(v_new, FP8 == 2), FP8 == 2)
             qk = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale  # [G]
             m_new = tl.maximum(m_i, qk)
             alpha = tl.exp2(m_i - m_new)
@@ -343,8 +426,8 @@ def _decode_attention_kernel(
             slot = tl.load(slot_ptr + s)
             if slot >= 0:
                 c_off = slot * stride_cs + head_off + offs_d
-                tl.store(k_cache_ptr + c_off, k_new.to(k_cache_ptr.dtype.element_ty), mask=d_ok)
-                tl.store(v_cache_ptr + c_off, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(k_cache_ptr + c_off, _to_cache(k_new, k_cache_ptr, FP8), mask=d_ok)
+                tl.store(v_cache_ptr + c_off, _to_cache(v_new, v_cache_ptr, FP8), mask=d_ok)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]  # an empty split or seq_len 0: zeros, never NaN
     if not SPLIT:
@@ -414,7 +497,8 @@ def decode_attention(
         part_lse = torch.empty((num_seqs, hq, splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    cache, fp8 = _kernel_cache(kv_cache)
+    k_cache, v_cache = cache[0], cache[1]
     k_new, v_new, slots = new_kv if new_kv is not None else (q, q, seq_lens)
     assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1
     _decode_attention_kernel[(num_seqs, hkv, splits)](
@@ -425,7 +509,7 @@ def decode_attention(
         HQ=hq, G=g, D=d, BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d,
         BLOCK_N=cfg.block_n, BLOCK_SIZE=block_size, SPLIT=splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WRITE_KV=new_kv is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
         _decode_combine_kernel[(num_seqs, hq)](

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from twinfer.layers.quantization.base import LinearMethod, QuantizationConfig
-from twinfer.layers.quantization.cpu_kernels import INT4_GROUP, pack_int4
+from twinfer.layers.quantization.cpu_kernels import INT4_GROUP, int4_linear, pack_int4
 from twinfer.layers.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
@@ -67,6 +67,11 @@ class OnlineInt4LinearMethod(UnquantizedLinearMethod):
         q, scale = quantize_int4(w)
         layer.int4_weight = pack_int4(q + 8, scale, torch.zeros_like(scale), w.dtype)
         layer.weight.data = w.new_empty(0)
+
+    def apply(self, layer: LinearBase, x: Tensor, bias: Tensor | None) -> Tensor:
+        if layer.int4_weight is not None:
+            return int4_linear(x, layer.int4_weight, bias)
+        return super().apply(layer, x, bias)
 
 
 def quantize_int4(w: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,5 @@
 """Plain weights in the model dtype: prepacked for oneDNN on the CPU, cuBLAS or a one-row GEMV on
-the GPU, or an exact int4 grid where a GGUF Q4 matrix was kept as one (`LinearBase.use_int4`).
+the GPU.
 
 Legend: `T` tokens, `N` output features, `K` input features.
 """
@@ -14,7 +14,7 @@ from torch import Tensor
 from twinfer.layers.cuda_ops import cuda_ops
 from twinfer.layers.params import new_param
 from twinfer.layers.quantization.base import LinearMethod, QuantizationConfig
-from twinfer.layers.quantization.cpu_kernels import cpu_prepack, int4_linear, packed_linear
+from twinfer.layers.quantization.cpu_kernels import cpu_prepack, packed_linear
 
 if TYPE_CHECKING:
     from twinfer.layers.linear import LinearBase
@@ -27,16 +27,12 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         """CPU: W prepacked once for oneDNN and the plain copy freed."""
-        if layer.int4_weight is not None:
-            return
         packed = cpu_prepack(layer.weight)
         if packed is not None:
             layer.packed_weight = packed
             layer.weight.data = layer.weight.data.new_empty(0)
 
     def apply(self, layer: LinearBase, x: Tensor, bias: Tensor | None) -> Tensor:
-        if layer.int4_weight is not None:
-            return int4_linear(x, layer.int4_weight, bias)
         if layer.packed_weight is not None:
             return packed_linear(x, layer.packed_weight, bias)
         if x.dim() == 2 and x.shape[0] == 1 and (ops := cuda_ops(x)) is not None:

@@ -150,7 +150,7 @@ class EngineConfig:
         default="auto",
         metadata={
             "help": "auto (the model dtype) | fp8 (= fp8_e4m3) | fp8_e5m2: one byte a value, twice "
-            "the tokens of bf16 in the same memory (CPU attention for now)."
+            "the tokens of bf16 in the same memory (torch and triton attention)."
         },
     )
     num_gpu_blocks_override: int | None = field(

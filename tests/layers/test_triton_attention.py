@@ -166,21 +166,23 @@ def test_reshape_and_cache_writes_slots_and_skips_padding(dtype) -> None:
     assert torch.equal(cache.view_as(expected), expected)
 
 
+# NaN lanes of the discarded subnormal branch: numpy warns about their int cast.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
 @pytest.mark.parametrize("kv_dtype", FP8)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_reshape_and_cache_fp8_codes_match_torch_cast(dtype, kv_dtype) -> None:
     # Every exponent of both formats, their subnormals, exact ties (rounded to even), values past
-    # the largest finite one (e4m3fn saturates, e5m2 overflows to inf), +-inf and -0.0.
+    # the largest finite one (e4m3fn saturates, e5m2 overflows to inf), +-inf, +-NaN and -0.0.
     gen = torch.Generator().manual_seed(1)
     mant = torch.rand(64, generator=gen) + 1.0
     grid = (mant[:, None] * 2.0 ** torch.arange(-20, 17)[None, :]).flatten()
     step = 2.0 ** torch.arange(-18, 14)  # e4m3: 2^-9 is the subnormal ulp, e5m2: 2^-16
     ties = torch.cat([step * k for k in (0.5, 1.5, 2.5, 9.5, 17.5, 35.0, 67.0)])
     special = torch.tensor([0.0, -0.0, 440.0, 448.0, 464.0, 465.0, 1e4, 57344.0, 61439.0,
-                            61440.0, 7e4, float("inf")])  # fmt: skip
+                            61440.0, 7e4, float("inf"), float("nan")])  # fmt: skip
     x = torch.cat([grid, ties, special, special * 2.0**-20])
     x = torch.cat([x, -x])
-    x = x[x.abs() <= torch.finfo(dtype).max].to(dtype)  # float16: no value past its range
+    x = x[(x.abs() <= torch.finfo(dtype).max) | ~x.isfinite()].to(dtype)  # in float16's range
     hkv, d = 2, 16
     t = -(-x.numel() // (hkv * d))
     x = torch.cat([x, x.new_zeros(t * hkv * d - x.numel())]).view(t, hkv, d).to(DEVICE)
@@ -370,7 +372,25 @@ def test_gpu_prefill_long_prompt_with_prefix(dtype) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_decode_cuda_graph_replay_matches_eager() -> None:
+@pytest.mark.parametrize("kv_dtype", FP8)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_fp8_cache_varlen_and_decode(kv_dtype, d) -> None:
+    # bf16 queries over an fp8 cache at model shapes: a mixed batch, then long-context decodes.
+    rng = random.Random(d)
+    contexts = [0, rng.randrange(1, 3000), 0, rng.randrange(4000, 9000)]
+    query_lens = [777, rng.randrange(1, 400), 2, 1]
+    bf16 = torch.bfloat16
+    step = make_step(contexts, query_lens, (32, 4), d, 16, bf16, seed=d, kv_dtype=kv_dtype)
+    check(step, d**-0.5, bf16)
+    contexts = [0, 63, 1023, 4096, rng.randrange(8000, 16383)]
+    step = make_step(contexts, [1] * 5, (8, 1), d, 32, bf16, seed=d, pad_rows=2, kv_dtype=kv_dtype)
+    out = check(step, d**-0.5, bf16)
+    assert not out[-2:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_gpu_decode_cuda_graph_replay_matches_eager(kv_dtype) -> None:
     hq, hkv, d, bs, size, max_model_len = 32, 4, 128, 16, 8, 8192
     width = max_model_len // bs
     scale = d**-0.5
@@ -382,7 +402,7 @@ def test_gpu_decode_cuda_graph_replay_matches_eager() -> None:
     q = torch.zeros(size, hq, d, dtype=torch.bfloat16, device="cuda")
     k = torch.zeros(size, hkv, d, dtype=torch.bfloat16, device="cuda")
     v = torch.zeros_like(k)
-    cache = torch.randn(2, size * width + 1, bs, hkv, d, device="cuda").to(torch.bfloat16)
+    cache = torch.randn(2, size * width + 1, bs, hkv, d, device="cuda").to(kv_dtype)
     md = backend.build_metadata(capture)
     backend.forward(q, k, v, cache, md, scale)  # warm-up: Triton compiles outside the capture
     torch.cuda.synchronize()

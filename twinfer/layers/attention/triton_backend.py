@@ -4,7 +4,8 @@ Legend: `T` tokens of the step, `S` sequences, `Hq`/`Hkv` query/KV heads, `D` he
 
 A step writes its K/V into the cache, then runs one kernel: split-K decode when every sequence
 has exactly one query token, else the varlen kernel for all sequences (prefill, chunked prefill,
-prefix hits and decode rows alike). Kernels live in `triton_kernels.py`.
+prefix hits and decode rows alike). Kernels live in `triton_kernels.py`. An fp8 cache
+(--kv-cache-dtype) takes the same path: the kernels write and read its bytes (a constexpr switch).
 """
 
 from __future__ import annotations

@@ -104,33 +104,33 @@ def decode_num_splits(
 @triton.jit
 def _fp8_code(x, E5M2: tl.constexpr):
     """Values -> their e4m3fn (E5M2 False) or e5m2 codes (uint8), as torch casts them: rounded
-    to nearest even; e4m3fn saturates at +-448 (inf too), e5m2 overflows to inf; NaN -> 0x7F."""
+    to nearest even; e4m3fn saturates at +-448 (inf too), e5m2 overflows to inf; NaN stays NaN."""
     y = x.to(tl.float32)
     sign = (y.to(tl.int32, bitcast=True) >> 24) & 0x80  # -0.0 too
     if E5M2:
-        a = tl.abs(y)
+        a = tl.minimum(tl.abs(y), 65536.0)  # 2^16 is inf's code (0x7C), like all past 61440
         # |y| < 2^-14: multiples of 2^-16; adding 1.5 * 2^7 (ulp 2^-16) rounds to them, ties to
         # even. Code 4 (a round up to 2^-14) is the smallest normal's code: the formats line up.
         sub = ((a + 192.0) - 192.0) * 65536.0
         # Normal: round float32's mantissa to 2 bits (carry runs into the exponent), rebias
-        # 127 -> 15; past the largest finite code (57344) lies inf (0x7C).
+        # 127 -> 15.
         bits = a.to(tl.int32, bitcast=True)
         normal = ((bits + 0xFFFFF + ((bits >> 21) & 1)) >> 21) - ((127 - 15) << 2)
-        code = tl.where(a < 0.00006103515625, sub.to(tl.int32), tl.minimum(normal, 0x7C))
+        code = tl.where(a < 0.00006103515625, sub.to(tl.int32), normal)
     else:
         a = tl.minimum(tl.abs(y), 448.0)
         sub = ((a + 24576.0) - 24576.0) * 512.0  # |y| < 2^-6: multiples of 2^-9 (as above)
         bits = a.to(tl.int32, bitcast=True)
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - ((127 - 7) << 3)
         code = tl.where(a < 0.015625, sub.to(tl.int32), normal)
-    code = tl.where(y != y, 0x7F, code | sign)
+    code = tl.where(y != y, 0x7F, code) | sign
     return code.to(tl.uint8)
 
 
 @triton.jit
 def _fp8_value(b, E5M2: tl.constexpr):
     """e4m3fn / e5m2 codes (uint8) -> float16, exactly: every finite code is a float16 (e4m3fn's
-    NaN code reads as 480, a value no write stores from a finite input)."""
+    NaN codes read as +-480: only a NaN input writes them)."""
     b16 = b.to(tl.uint16)
     if E5M2:
         return (b16 << 8).to(tl.float16, bitcast=True)  # e5m2 is float16's high byte

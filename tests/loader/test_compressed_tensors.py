@@ -163,7 +163,7 @@ def test_ct_int4_bf16_runs_the_int4_kernel_on_the_same_grid(ct_dir: Path) -> Non
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"format": "float-quantized"}, "format 'float-quantized' (config group group_0)"),
+        ({"format": "nvfp4-pack-quantized"}, "format 'nvfp4-pack-quantized' (config group"),
         ({"weights": {"num_bits": 4, "type": "float"}}, "float 4-bit weights are not supported"),
         (
             {

@@ -18,9 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import TEST_TOKENIZER
 from tests.hf_oracle import assert_greedy_matches_hf
-from tests.loader.test_fp8 import NUM_TOKENS, PROMPTS, SHAPE
+from tests.loader.test_fp8 import NUM_TOKENS, PROMPTS, save_tiny_model
 from twinfer import LLM
 from twinfer.layers.linear import LinearBase
 from twinfer.layers.quantization import get_quantization_config
@@ -28,22 +27,6 @@ from twinfer.layers.quantization.compressed_tensors import PackedIntLinearMethod
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble k of a word: column 8w + AWQ_ORDER[k]
 SKIPPED = "layers.1.self_attn"  # AWQ's modules_to_not_convert (a substring)
-
-
-def _tiny_qwen3(out: Path) -> dict[str, torch.Tensor]:
-    import transformers
-
-    from twinfer.bench.random_model import load_tokenizer
-
-    torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(vocab_size=49152, **SHAPE))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("proj.weight"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(out)
-    load_tokenizer(TEST_TOKENIZER).save_pretrained(out)
-    return load_file(out / "model.safetensors")
 
 
 def _quantize(w: torch.Tensor, group: int, g_idx: torch.Tensor, symmetric: bool):
@@ -75,7 +58,7 @@ def _pack_words(values: torch.Tensor, order: list[int] | None = None) -> torch.T
 
 
 def _write(out: Path, kind: str, group: int, symmetric=False, desc_act=False, v1=False) -> Path:
-    tensors = _tiny_qwen3(out)
+    tensors = save_tiny_model(out)
     plain = {}  # the oracle's fp32 weights
     gen = torch.Generator().manual_seed(1)
     orders: dict[str, torch.Tensor] = {}  # act-order g_idx per fused layer

@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import TEST_TOKENIZER
 from tests.hf_oracle import assert_greedy_matches_hf
-from tests.loader.test_fp8 import NUM_TOKENS, PROMPTS, SHAPE  # the same tiny Qwen3
+from tests.loader.test_fp8 import NUM_TOKENS, PROMPTS, save_tiny_model  # the same tiny Qwen3
 from twinfer import LLM, SamplingParams
 from twinfer.layers.linear import LinearBase
 from twinfer.layers.quantization.compressed_tensors import PackedIntLinearMethod
@@ -26,7 +25,6 @@ IGNORE = ["lm_head", "re:.*layers\\.1\\.self_attn\\..*"]
 def write_ct_checkpoint(out: Path, group: int, symmetric: bool) -> Path:
     """A random tiny Qwen3 saved by transformers; its projections quantized and packed by
     compressed-tensors' own `quantize` and `pack_to_int32`, its config by `QuantizationConfig`."""
-    import transformers
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -36,20 +34,10 @@ def write_ct_checkpoint(out: Path, group: int, symmetric: bool) -> Path:
     )
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    from twinfer.bench.random_model import load_tokenizer
-
-    torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(vocab_size=49152, **SHAPE))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("proj.weight"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(out)
-    load_tokenizer(TEST_TOKENIZER).save_pretrained(out)
+    tensors = save_tiny_model(out)
     args = QuantizationArgs(
         num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group
     )
-    tensors = load_file(out / "model.safetensors")
     for name in list(tensors):
         module = name.removesuffix(".weight")
         if not name.endswith("proj.weight") or re.match(r".*layers\.1\.self_attn\..*", module):

@@ -11,18 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from tests.conftest import TEST_TOKENIZER
 from tests.hf_oracle import assert_greedy_matches_hf
-from tests.loader.test_fp8 import NUM_TOKENS, PROMPTS, SHAPE
+from tests.loader.test_fp8 import NUM_TOKENS, PROMPTS, save_tiny_model
 from twinfer import LLM
 from twinfer.layers.linear import LinearBase
 from twinfer.layers.quantization.fp8 import FP8_DTYPE, Fp8BlockLinearMethod
 
 
 def write_ct_fp8(out: Path, strategy: str) -> Path:
-    import transformers
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
@@ -31,20 +29,10 @@ def write_ct_fp8(out: Path, strategy: str) -> Path:
     )
     from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 
-    from twinfer.bench.random_model import load_tokenizer
-
-    torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(vocab_size=49152, **SHAPE))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("proj.weight"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(out)
-    load_tokenizer(TEST_TOKENIZER).save_pretrained(out)
+    tensors = save_tiny_model(out)
     block = {"block_structure": [128, 128]} if strategy == "block" else {}
     args = QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, **block)
     acts = QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True)
-    tensors = load_file(out / "model.safetensors")
     plain = {}
     for name in [n for n in tensors if n.endswith("proj.weight")]:
         w = tensors[name].float()

@@ -46,8 +46,9 @@ def quantize_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, 
     return q.view(padded.shape)[:n, :k].contiguous(), scale
 
 
-def write_fp8_checkpoint(out: Path, arch: str = "qwen3", **config_overrides) -> Path:
-    """A random tiny model saved by transformers, its projections then rewritten as block FP8."""
+def save_tiny_model(out: Path, arch: str = "qwen3", **config_overrides) -> dict[str, torch.Tensor]:
+    """A random tiny model (SHAPE) saved by transformers with the test tokenizer; returns its
+    tensors, for a test to rewrite in a weight format."""
     import transformers
 
     from twinfer.bench.random_model import load_tokenizer
@@ -63,7 +64,12 @@ def write_fp8_checkpoint(out: Path, arch: str = "qwen3", **config_overrides) -> 
                 p.normal_(0, 0.1)  # outweigh the embedding: continuations depend on context
     model.save_pretrained(out)
     load_tokenizer(TEST_TOKENIZER).save_pretrained(out)
-    tensors = load_file(out / "model.safetensors")
+    return load_file(out / "model.safetensors")
+
+
+def write_fp8_checkpoint(out: Path, arch: str = "qwen3", **config_overrides) -> Path:
+    """A random tiny model saved by transformers, its projections then rewritten as block FP8."""
+    tensors = save_tiny_model(out, arch, **config_overrides)
     for name in list(tensors):
         module = name.removesuffix(".weight")
         if name.endswith("proj.weight") and module not in NOT_CONVERTED:

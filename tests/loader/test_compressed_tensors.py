@@ -22,6 +22,18 @@ from twinfer.layers.quantization.compressed_tensors import PackedIntMoEMethod as
 IGNORE = ["lm_head", "re:.*layers\\.1\\.self_attn\\..*"]
 
 
+def int4_scales(w: torch.Tensor, group: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' minmax observer for int4 groups: (scale, signed zero point int8)
+    [N, K/g]; symmetric: absmax / 7.5 and zero 0."""
+    groups = w.reshape(w.shape[0], -1, group)
+    if symmetric:
+        scale = (groups.abs().amax(-1) / 7.5).clamp(min=1e-8)
+        return scale, torch.zeros_like(scale, dtype=torch.int8)
+    lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    return scale, (-8 - torch.round(lo / scale)).clamp(-8, 7).to(torch.int8)
+
+
 def write_ct_checkpoint(out: Path, group: int, symmetric: bool) -> Path:
     """A random tiny Qwen3 saved by transformers; its projections quantized and packed by
     compressed-tensors' own `quantize` and `pack_to_int32`, its config by `QuantizationConfig`."""
@@ -43,14 +55,7 @@ def write_ct_checkpoint(out: Path, group: int, symmetric: bool) -> Path:
         if not name.endswith("proj.weight") or re.match(r".*layers\.1\.self_attn\..*", module):
             continue
         w = tensors.pop(name).float()
-        groups = w.reshape(w.shape[0], -1, group)
-        if symmetric:
-            scale = (groups.abs().amax(-1) / 7.5).clamp(min=1e-8)
-            zero = torch.zeros_like(scale, dtype=torch.int8)
-        else:
-            lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
-            scale = ((hi - lo) / 15).clamp(min=1e-8)
-            zero = (-8 - torch.round(lo / scale)).clamp(-8, 7).to(torch.int8)
+        scale, zero = int4_scales(w, group, symmetric)
         q = quantize(x=w, scale=scale, zero_point=zero, args=args, dtype=torch.int8)
         tensors[f"{module}.weight_packed"] = pack_to_int32(q, 4)
         tensors[f"{module}.weight_scale"] = scale.bfloat16()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.hf_oracle import assert_greedy_matches_hf
+from tests.loader.test_compressed_tensors import int4_scales
 from tests.loader.test_fp8 import quantize_blocks
 from twinfer import LLM
 from twinfer.layers.moe import MoELayer
@@ -54,14 +55,7 @@ def _ct_int4(src: Path, out: Path, symmetric: bool = True) -> dict:
     plain = {}  # compressed-tensors' own dequantization: the asymmetric oracle's weights
     for name in [n for n in tensors if n.endswith("proj.weight")]:
         w, module = tensors.pop(name).float(), name.removesuffix(".weight")
-        groups = w.reshape(w.shape[0], -1, 32)
-        if symmetric:
-            scale = (groups.abs().amax(-1) / 7.5).clamp(min=1e-8)
-            zero = torch.zeros_like(scale, dtype=torch.int8)
-        else:
-            lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
-            scale = ((hi - lo) / 15).clamp(min=1e-8)
-            zero = (-8 - torch.round(lo / scale)).clamp(-8, 7).to(torch.int8)
+        scale, zero = int4_scales(w, 32, symmetric)
         scale = scale.bfloat16().float()
         q = quantize(x=w, scale=scale, zero_point=zero, args=args, dtype=torch.int8)
         plain[name] = dequantize(x_q=q, scale=scale, zero_point=zero, args=args)

@@ -45,12 +45,12 @@ from twinfer.layers.moe.triton_kernels import (
     _one_token_align,
     _smem_limit,
     get_moe_config,
-    grouped_tile,
     moe_align_block_size,
     moe_sum,
     shrink_to_fit,
     tile_rows,
 )
+from twinfer.layers.quantization.triton_kernels import tile_of
 
 FORMATS = ("f32", "f16", "bf16", "int8", "int4", "int4z", "fp8")
 GROUPED = ("int4", "int4z", "fp8")  # a scale (int4z: and an offset) per row per group
@@ -377,7 +377,7 @@ def _packed_gemm_kernel(
     N = H, K = I: c[slot, n] = topk_weights[slot] * (a @ down[e, n]) -> [S, H].
     w_ptr is the buffer viewed as the load dtype, s_ptr as float32 (scales and offsets).
     """
-    pid_m, pid_n = grouped_tile(em, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_of(em, N, BLOCK_M, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return  # a padding block past the last expert's group
     slot, row_ok, a_row, expert = tile_rows(

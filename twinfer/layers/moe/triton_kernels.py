@@ -35,6 +35,7 @@ from twinfer.layers.quantization.triton_kernels import (
     per_token_group_quant_fp8,
     pow2_divisor,
     repack_w4a16,
+    tile_of,
     unpack_int4_rows,
 )
 
@@ -310,19 +311,6 @@ def moe_align_block_size(
 
 
 @triton.jit
-def grouped_tile(em, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program in grouped order: GROUP_M row blocks (mostly one
-    expert's) share each weight tile in L2."""
-    pid = tl.program_id(0)
-    num_pid_m = em // BLOCK_M
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = pid // in_group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
-
-
-@triton.jit
 def tile_rows(sorted_ptr, expert_ids_ptr, pid_m, num_slots, A_DIV, BLOCK_M: tl.constexpr):
     """Row block pid_m's slots [BLOCK_M] (the sentinel S on padding rows), which are real, the
     activation row each reads, and the block's expert.
@@ -362,7 +350,7 @@ def _moe_gemm_kernel(
     (uint8 [E, rows, K/2], layers/quantization/triton_kernels.py) with scales (and zeros)
     [E, rows, K/g] (QBLOCK_N = 1, QBLOCK_K = g, UP_ROW = N), dequantized to a's dtype.
     """
-    pid_m, pid_n = grouped_tile(em, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_of(em, N, BLOCK_M, BLOCK_N, GROUP_M)  # em: a multiple of BLOCK_M
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return  # a padding block past the last expert's group
     slot, row_ok, a_row, expert = tile_rows(

@@ -123,8 +123,6 @@ CASES = [
     Case("empty-prompt-string", cmpl(prompt="")),
     Case("empty-prompt-string-in-batch", cmpl(prompt=["a", ""])),
     # --- unknown names ---
-    Case("unknown-field", cmpl(bogus_field=1), mentions=("bogus_field",)),
-    Case("unknown-field-chat", chat(bogus_field=1), CHAT, mentions=("bogus_field",)),
     Case("unknown-model", cmpl(model="no-such-model"), status=404, code="model_not_found"),
     Case(
         "unknown-model-chat", chat(model="no-such-model"), CHAT, status=404, code="model_not_found"
@@ -219,11 +217,40 @@ CASES = [
         CHAT,
         mentions=("support",),
     ),
+    unsupported(
+        "structured-outputs",
+        COMPLETIONS,
+        "structured_outputs",
+        cmpl(structured_outputs={"choice": ["a", "b"]}),
+    ),  # fmt: skip
+    unsupported("guided-json-chat", CHAT, "guided_json", chat(guided_json={"type": "object"})),
+    unsupported("guided-choice-chat", CHAT, "guided_choice", chat(guided_choice=["a", "b"])),
     Case(
-        "role-tool",
-        chat(messages=[{"role": "tool", "content": "42", "tool_call_id": "c1"}]),
+        "tool-call-arguments-not-json",
+        chat(
+            messages=[
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{x"},
+                        }
+                    ],
+                },
+            ]
+        ),  # fmt: skip
         CHAT,
-        mentions=("support",),
+        mentions=("not valid JSON",),
+    ),
+    Case(
+        "tool-call-without-function",
+        chat(messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}]),
+        CHAT,
+        mentions=("a tool call must be",),
     ),
     Case("role-bogus", chat(messages=[{"role": "wizard", "content": "hi"}]), CHAT),
     Case("best-of-not-n", cmpl(best_of=2)),

@@ -1,12 +1,15 @@
 """OpenAI request bodies (pydantic), with vLLM's extra sampling fields.
 
-Unknown fields are refused (a typo must not be silently ignored), and OpenAI parameters twinfer
-does not implement yet are accepted by the schema only to be refused by `unsupported()` with a
-message that names them.
+Unknown fields are accepted and ignored, as vLLM does: clients and agent frameworks send fields of
+newer API versions (`store`, `metadata`, ...) and must keep working; each request logs what it
+ignored at debug level, and the first time a field name is seen it is a warning. OpenAI parameters
+twinfer does not implement yet are known to the schema and refused by `unsupported()` with a
+message that names them (never silently ignored).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,12 +17,33 @@ from pydantic_core import PydanticCustomError
 
 from twinfer.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # parallel samples per prompt: more would only queue behind each other
 
 # NOTE: strict: JSON types are checked, not coerced ("yes" is not a bool, "2" not an int), so a
 # client's type bug is a 400 rather than a surprise; ints are still accepted where floats are.
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+# Unknown fields are kept aside (`model_extra`) and reported by `_Lenient`.
+_STRICT = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+_WARNED: set[str] = set()  # "Model.field" names already warned about
+
+
+class _Lenient(BaseModel):
+    """A body part whose unknown fields are ignored with a log line (see the module's doc)."""
+
+    model_config = _STRICT
+
+    @model_validator(mode="after")
+    def _note_unknown(self) -> _Lenient:
+        if self.model_extra:
+            names = sorted(f"{type(self).__name__}.{k}" for k in self.model_extra)
+            logger.debug("ignored unknown fields: %s", ", ".join(names))
+            for name in set(names) - _WARNED:
+                _WARNED.add(name)
+                logger.warning("ignoring unknown request field %s (logged once)", name)
+        return self
+
 
 TokenIds = list[Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]]
 
@@ -61,10 +85,8 @@ def lone_surrogate(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | 
 _CONTAINERS = (str, list, dict)
 
 
-class _Request(BaseModel):
-    """A request body: strict types, no unknown fields, only valid Unicode text."""
-
-    model_config = _STRICT
+class _Request(_Lenient):
+    """A request body: strict types, only valid Unicode text; unknown fields ignored."""
 
     @model_validator(mode="before")
     @classmethod
@@ -80,8 +102,7 @@ class _Request(BaseModel):
         return data
 
 
-class StreamOptions(BaseModel):
-    model_config = _STRICT
+class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
@@ -111,7 +132,22 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
 
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias",)
+    # Structured outputs (vLLM's field and its removed guided_* spellings): known, so that a
+    # request that asks for them is refused by name until they are implemented.
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = (
+        "logit_bias",
+        "structured_outputs",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+    )
 
     def unsupported(self) -> str | None:
         """The first parameter given that twinfer does not implement, if any."""
@@ -156,7 +192,7 @@ class CompletionRequest(_SamplingRequest):
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias", "suffix")
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = (*_SamplingRequest.UNSUPPORTED, "suffix")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (str or token ids)."""
@@ -168,14 +204,12 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
 
-class TextPart(BaseModel):
-    model_config = _STRICT
+class TextPart(_Lenient):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = _STRICT
+class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -199,10 +233,13 @@ class ChatCompletionRequest(_SamplingRequest):
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     prediction: dict[str, Any] | None = None
+    # Accepted: meaningful only with tools (refused above until tool calls land) or with a
+    # reasoning model's template.
     parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
-        "logit_bias",
+        *_SamplingRequest.UNSUPPORTED,
         "tools",
         "tool_choice",
         "functions",
@@ -211,7 +248,6 @@ class ChatCompletionRequest(_SamplingRequest):
         "audio",
         "modalities",
         "prediction",
-        "parallel_tool_calls",
     )
 
 

@@ -37,6 +37,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -93,6 +94,13 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty.")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids}.")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (>= 0), got {token!r}.")
+            if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+                raise ValueError(
+                    f"logit_bias values must be in [-100, 100], got {bias} for {token}."
+                )
 
     @property
     def greedy(self) -> bool:

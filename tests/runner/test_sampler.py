@@ -469,3 +469,32 @@ def test_a_vanishing_top_p_keeps_the_top_token() -> None:
     assert got.float().argmax(-1).tolist() == logits.argmax(-1).tolist()
     tokens = sample(logits, build(params, 1025))
     assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_logit_bias_is_added_to_its_rows_logits_only() -> None:
+    """OpenAI's logit_bias: +100 forces a token, -100 bans one; rows without it are untouched,
+    and the logprobs stay the model's (before any processing)."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 50)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={7: 100.0}),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, logit_bias={int(logits[2].argmax()): -100.0}, logprobs=1),
+    ]
+    md = build(params, 50)
+    assert not md.plain_greedy and md.bias_rows.tolist() == [0, 2]
+    out = Sampler()(logits.clone(), md)
+    banned = logits[2].clone()
+    banned[logits[2].argmax()] -= 100
+    want = [7, int(logits[1].argmax()), int(banned.argmax())]
+    assert out.sampled_token_ids.tolist() == want
+    assert_close(out.logprobs[2, 0], logits[2].log_softmax(-1)[want[2]])
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [({-1: 1.0}, "token ids"), ({3: 101.0}, r"\[-100, 100\]"), ({3: float("nan")}, "100")],
+)
+def test_bad_logit_bias_names_the_field(bias, message) -> None:
+    with pytest.raises(ValueError, match=f"logit_bias .*{message}"):
+        SamplingParams(logit_bias=bias)

@@ -199,8 +199,9 @@ CASES = [
     Case("stop-empty-string-chat", chat(stop=["x", ""]), CHAT),
     # --- OpenAI features twinfer does not support ---
     unsupported("suffix", COMPLETIONS, "suffix", cmpl(suffix="end")),
-    unsupported("logit-bias", COMPLETIONS, "logit_bias", cmpl(logit_bias={"1": 5})),
-    unsupported("logit-bias-chat", CHAT, "logit_bias", chat(logit_bias={"1": 5})),
+    Case("logit-bias-key-not-an-id", cmpl(logit_bias={"abc": 5}), mentions=("logit_bias",)),
+    Case("logit-bias-out-of-vocab", cmpl(logit_bias={"999999": 5}), mentions=("vocabulary",)),
+    Case("logit-bias-too-large-chat", chat(logit_bias={"1": 500}), CHAT, mentions=("100",)),
     unsupported("tools", CHAT, "tools", chat(tools=[TOOL])),
     unsupported("tool-choice", CHAT, "tool_choice", chat(tool_choice="auto")),
     unsupported("functions", CHAT, "functions", chat(functions=[TOOL["function"]])),

@@ -60,3 +60,19 @@ def test_agent_history_with_tool_calls_passes_through(tiny_server: Server) -> No
     events = [line for line in r.iter_lines() if line.startswith(b"data: ")]
     assert events[-1] == b"data: [DONE]"
     tiny_server.wait_idle()
+
+
+def test_logit_bias_forces_and_bans_tokens(tiny_server: Server) -> None:
+    """+100 on one token makes greedy decoding pick it every step; the same request with the
+    bias on the chat route too."""
+    forced = 100
+    text = tiny_server.post("/detokenize", json={"tokens": [forced] * 3}).json()["prompt"]
+    body = {"prompt": "hi", "max_tokens": 3, "temperature": 0, "logit_bias": {str(forced): 100}}
+    r = tiny_server.post(COMPLETIONS, json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == text
+    chat_body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                 "temperature": 0, "logit_bias": {str(forced): 100}}  # fmt: skip
+    r = tiny_server.post(CHAT, json=chat_body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == text

@@ -60,6 +60,11 @@ class InputProcessor:
                     f"{name}={value} is more than the allowed {self.max_logprobs}; ask for fewer "
                     "or raise --max-logprobs."
                 )
+        if params.logit_bias and (bad := [t for t in params.logit_bias if t >= vocab]):
+            raise ValueError(
+                f"logit_bias names token id {bad[0]}, outside the vocabulary (valid ids are 0 to "
+                f"{vocab - 1})."
+            )
         room = max_len - len(ids)
         return room if params.max_tokens is None else min(params.max_tokens, room)
 

@@ -64,6 +64,9 @@ class SamplingMetadata:
     repetition_penalty: torch.Tensor | None = None  # [E] float32 of the entry's row; None: unused
     frequency_penalty: torch.Tensor | None = None  # [E] float32; None when no row uses it
     presence_penalty: torch.Tensor | None = None  # [E] float32; None when no row uses it
+    bias_rows: torch.Tensor | None = None  # [B] int64 row of each (row, token) logit_bias entry
+    bias_ids: torch.Tensor | None = None  # [B] int64 token of each entry
+    bias_values: torch.Tensor | None = None  # [B] float32 added to that logit
     min_tokens_rows: torch.Tensor | None = None  # [M] int64 row of each (row, stop id) to mask
     min_tokens_ids: torch.Tensor | None = None  # [M] int64 stop id of each pair
     max_num_logprobs: int | None = None  # n of the top-n logprobs; None when no row asked
@@ -75,6 +78,7 @@ class SamplingMetadata:
         return (
             self.all_greedy
             and self.penalty_rows is None
+            and self.bias_rows is None
             and self.min_tokens_rows is None
             and self.max_num_logprobs is None
         )
@@ -136,6 +140,11 @@ class SamplingMetadata:
             md.generators = {j: g for j, i in enumerate(random) if (g := generators[i]) is not None}
 
         _fill_penalties(md, params, prompt_token_ids, output_token_ids, device)
+        biased = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+        if biased:
+            rows, ids, values = zip(*biased, strict=True)
+            md.bias_rows, md.bias_ids = rows_tensor(list(rows)), rows_tensor(list(ids))
+            md.bias_values = float_tensor(list(values))
         mask_rows: list[int] = []
         mask_ids: list[int] = []
         for i, p in enumerate(params):
@@ -179,6 +188,8 @@ class Sampler:
         if md.max_num_logprobs is not None:  # from the model's logits, before any processing
             raw = _take(logits, md.logprob_rows).log_softmax(-1)  # [L, V]
         apply_min_tokens(logits, md)
+        if md.bias_rows is not None:  # OpenAI's logit_bias: added to the model's logits
+            logits.index_put_((md.bias_rows, md.bias_ids), md.bias_values, accumulate=True)
         apply_penalties(logits, md)
         sampled = _sample(logits, md)  # [N]
         out = SamplerOutput(sampled_token_ids=sampled)

@@ -141,7 +141,6 @@ class _SamplingRequest(_Request):
     guided_grammar: str | None = None
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
-        "logit_bias",
         "structured_outputs",
         "guided_json",
         "guided_regex",
@@ -180,7 +179,23 @@ class _SamplingRequest(_Request):
         }
         merged = {k: v for k, v in defaults.items() if k in given}
         merged.update({k: v for k, v in given.items() if v is not None})
-        return SamplingParams(max_tokens=max_tokens, **merged, **extra)
+        return SamplingParams(
+            max_tokens=max_tokens, logit_bias=self.token_bias(), **merged, **extra
+        )
+
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias with its keys (token ids as JSON strings) as ints."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not key.strip().lstrip("-").isdigit():
+                raise ValueError(
+                    f'logit_bias keys must be token ids written as strings (e.g. "50256"), '
+                    f"got {key!r}."
+                )
+            bias[int(key)] = value
+        return bias
 
 
 class CompletionRequest(_SamplingRequest):

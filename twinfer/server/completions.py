@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from twinfer.engine.client import RequestGroup
 from twinfer.engine.input_processor import ProcessedPrompt
 from twinfer.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from twinfer.server.app import ServerContext, check_common, sampling_params_or_400
+from twinfer.server.context import ServerContext, check_common, sampling_params_or_400
 from twinfer.server.errors import bad_request
 from twinfer.server.protocol import CompletionRequest
 from twinfer.server.streaming import ChoiceTracker, ResponseHead, usage

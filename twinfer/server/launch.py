@@ -19,7 +19,8 @@ import uvicorn
 
 from twinfer.config import EngineConfig, add_dataclass_args
 from twinfer.engine.client import AsyncEngine, EngineDeadError
-from twinfer.server.app import ServerConfig, ServerContext, build_app
+from twinfer.server.app import build_app
+from twinfer.server.context import ServerConfig, ServerContext
 from twinfer.server.metrics import Metrics
 
 logger = logging.getLogger("twinfer.server")
